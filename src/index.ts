@@ -1,0 +1,14 @@
+/**
+ * runlane: the Postgres layer of an AI-agent orchestrator.
+ *
+ * One namespace per module; the schema tables are also exported flat for Drizzle queries.
+ */
+export * as Database from "./db/Database.ts"
+export * as DatabaseError from "./db/DatabaseError.ts"
+export * as EmbeddedPostgres from "./db/EmbeddedPostgres.ts"
+export * as Migrator from "./db/Migrator.ts"
+export * as RunOwnership from "./ownership/RunOwnership.ts"
+export * as RunInput from "./runs/runInput.ts"
+export * as RunsQueue from "./runs/RunsQueue.ts"
+export * as Schema from "./schema/index.ts"
+export { agentTranscriptSnapshots, runs } from "./schema/index.ts"

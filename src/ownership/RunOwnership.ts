@@ -1,0 +1,77 @@
+/**
+ * RunOwnership: does this run belong to this (organization, agent, conversation)?
+ *
+ * One primary-key lookup. The scope columns written by `RunsQueue.send` decide; a row written without
+ * them (an older writer, a deploy crossover) falls back to the `agentId` / `conversationId` keys inside
+ * `action_input`, which older writers sometimes stored as a JSON string holding the object. The
+ * comparison is exact string equality: no trimming, no case folding, no Unicode normalisation.
+ */
+import { Context, Effect, Layer, Predicate } from "effect"
+import { Database } from "../db/Database.ts"
+import type { DatabaseError } from "../db/DatabaseError.ts"
+
+export interface RunScope {
+  readonly organizationId: string
+  readonly agentId: string
+  readonly conversationId: string
+}
+
+interface ScopeRow {
+  readonly organization_id: string
+  readonly agent_id: string | null
+  readonly conversation_id: string | null
+  /** Only read when a scope column is missing. */
+  readonly action_input: unknown
+}
+
+const isCompleteScope = (scope: RunScope): boolean =>
+  Predicate.isObject(scope) &&
+  [scope.organizationId, scope.agentId, scope.conversationId].every((id) => Predicate.isString(id) && id.length > 0)
+
+/** `action_input` as an object: the object itself, or the object a legacy JSON-string row holds. */
+const legacyObject = (actionInput: unknown): Record<string, unknown> | undefined => {
+  let value = actionInput
+  if (Predicate.isString(value)) {
+    try {
+      value = JSON.parse(value)
+    } catch {
+      return undefined
+    }
+  }
+  return Predicate.isObject(value) && !Array.isArray(value) ? (value as Record<string, unknown>) : undefined
+}
+
+/** Pure: does the row match the scope in every field? */
+export const rowMatchesScope = (row: ScopeRow, scope: RunScope): boolean => {
+  if (row.organization_id !== scope.organizationId) return false
+  const legacy = row.agent_id === null || row.conversation_id === null ? legacyObject(row.action_input) : undefined
+  const agentId = row.agent_id ?? legacy?.["agentId"]
+  const conversationId = row.conversation_id ?? legacy?.["conversationId"]
+  return agentId === scope.agentId && conversationId === scope.conversationId
+}
+
+export class RunOwnership extends Context.Service<RunOwnership, {
+  /** true only when the run exists and its organization, agent and conversation all equal the scope's. */
+  readonly verify: (runId: number, scope: RunScope) => Effect.Effect<boolean, DatabaseError>
+}>()("runlane/RunOwnership") {
+  static readonly layer = Layer.effect(
+    RunOwnership,
+    Effect.gen(function*() {
+      const database = yield* Database
+
+      const verify = Effect.fn("RunOwnership.verify")(function*(runId: number, scope: RunScope) {
+        if (!Number.isSafeInteger(runId) || runId <= 0 || !isCompleteScope(scope)) return false
+        const rows = yield* database.use("RunOwnership.verify", (sql) =>
+          sql<Array<ScopeRow>>`
+            select organization_id, agent_id, conversation_id,
+                   case when agent_id is null or conversation_id is null then action_input end as action_input
+              from runs
+             where id = ${runId}`)
+        const row = rows[0]
+        return row !== undefined && rowMatchesScope(row, scope)
+      })
+
+      return RunOwnership.of({ verify })
+    })
+  )
+}

@@ -1,0 +1,73 @@
+/**
+ * The `runs` table: one row per unit of agent work.
+ *
+ * A run moves pending -> claimed -> completed | failed | cancelled (a retry moves it from claimed back
+ * to pending). The scope columns (organization_id, agent_id, conversation_id) are written on insert,
+ * so ownership checks and per-conversation queries never have to look inside `action_input`.
+ */
+import { sql } from "drizzle-orm"
+import { bigint, check, index, integer, jsonb, pgTable, text, timestamp, uniqueIndex } from "drizzle-orm/pg-core"
+
+export const runStatuses = ["pending", "claimed", "completed", "failed", "cancelled"] as const
+export type RunStatus = (typeof runStatuses)[number]
+
+/** Statuses in which a run still holds its idempotency key. */
+export const activeRunStatuses = ["pending", "claimed"] as const satisfies ReadonlyArray<RunStatus>
+
+export type JsonValue = string | number | boolean | null | ReadonlyArray<JsonValue> | { readonly [key: string]: JsonValue }
+export type JsonObject = { readonly [key: string]: JsonValue }
+
+const timestamptz = (name: string) => timestamp(name, { withTimezone: true, mode: "date" })
+
+export const runs = pgTable(
+  "runs",
+  {
+    // By default, not always: sendMany draws ids with nextval() before inserting so it can answer in input order.
+    id: bigint("id", { mode: "number" }).primaryKey().generatedByDefaultAsIdentity(),
+    organizationId: text("organization_id").notNull(),
+    agentId: text("agent_id"),
+    conversationId: text("conversation_id"),
+    queue: text("queue").notNull(),
+    status: text("status", { enum: runStatuses }).notNull().default("pending"),
+    actionInput: jsonb("action_input").$type<JsonObject>().notNull(),
+    priority: integer("priority").notNull().default(0),
+    runAt: timestamptz("run_at").notNull().defaultNow(),
+    expiresAt: timestamptz("expires_at"),
+    attempts: integer("attempts").notNull().default(0),
+    maxAttempts: integer("max_attempts").notNull().default(3),
+    // NULL means exponential backoff.
+    retryDelaySeconds: integer("retry_delay_seconds"),
+    idempotencyKey: text("idempotency_key"),
+    claimedBy: text("claimed_by"),
+    claimedAt: timestamptz("claimed_at"),
+    completedAt: timestamptz("completed_at"),
+    errorMessage: text("error_message"),
+    createdAt: timestamptz("created_at").notNull().defaultNow()
+  },
+  (t) => [
+    check("runs_status_check", sql`${t.status} in ('pending', 'claimed', 'completed', 'failed', 'cancelled')`),
+    // The reference system stored JSON strings here for weeks; the database now refuses anything but an object.
+    check("runs_action_input_object_check", sql`jsonb_typeof(${t.actionInput}) = 'object'`),
+    check("runs_attempts_check", sql`${t.attempts} >= 0 and ${t.maxAttempts} >= 1`),
+    check("runs_retry_delay_check", sql`${t.retryDelaySeconds} is null or ${t.retryDelaySeconds} >= 0`),
+    // A claimed run always names its owner; no other status has one.
+    check(
+      "runs_claim_owner_check",
+      sql`(${t.status} = 'claimed') = (${t.claimedBy} is not null and ${t.claimedAt} is not null)`
+    ),
+    // The claim path: the next pending run of a queue, highest priority first, then oldest run_at.
+    index("runs_claim_idx")
+      .on(t.queue, t.priority.desc(), t.runAt, t.id)
+      .where(sql`${t.status} = 'pending'`),
+    // Idempotency keys dedupe per organization only while the run is not terminal.
+    uniqueIndex("runs_idempotency_key_uniq")
+      .on(t.organizationId, t.idempotencyKey)
+      .where(sql`${t.idempotencyKey} is not null and ${t.status} in ('pending', 'claimed')`),
+    // Runs of a conversation, newest first.
+    index("runs_conversation_idx")
+      .on(t.organizationId, t.agentId, t.conversationId, t.id.desc())
+      .where(sql`${t.conversationId} is not null`)
+  ]
+)
+
+export type Run = typeof runs.$inferSelect
