@@ -59,7 +59,9 @@ export class RunOwnership extends Context.Service<RunOwnership, {
     Effect.gen(function*() {
       const database = yield* Database
 
-      const verify = Effect.fn("RunOwnership.verify")(function*(runId: number, scope: RunScope) {
+      // Untraced: on this hot path Effect.fn's span and call-site capture measured ~70 µs per call, more
+      // than the primary-key lookup itself (npm run bench).
+      const verify = Effect.fnUntraced(function*(runId: number, scope: RunScope) {
         if (!Number.isSafeInteger(runId) || runId <= 0 || !isCompleteScope(scope)) return false
         const rows = yield* database.use("RunOwnership.verify", (sql) =>
           sql<Array<ScopeRow>>`

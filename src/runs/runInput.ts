@@ -39,14 +39,14 @@ export interface SendRunInput {
   readonly idempotencyKey?: string | undefined
 }
 
-/** A validated run, shaped as the insert statement's JSON record. */
+/** A validated run, shaped as the insert statement's columns. */
 export interface RunRecord {
-  readonly ord: number
   readonly queue: string
   readonly organization_id: string
   readonly agent_id: string | null
   readonly conversation_id: string | null
-  readonly action_input: JsonObject
+  /** The payload as JSON text, encoded exactly once; the server casts it to jsonb. */
+  readonly action_input_json: string
   readonly priority: number
   readonly delay_ms: number | null
   readonly run_at: string | null
@@ -55,6 +55,9 @@ export interface RunRecord {
   readonly retry_delay_seconds: number | null
   readonly idempotency_key: string | null
 }
+
+/** Matches the column default of runs.max_attempts. */
+export const defaultMaxAttempts = 3
 
 export const limits = {
   idLength: 256,
@@ -203,17 +206,16 @@ export const toRunRecord = (input: SendRunInput, ord: number, inBatch: boolean):
   const bad = checkRun(input)
   if (bad) return new InvalidRunInput(inBatch ? { ...bad, index: ord } : bad)
   return {
-    ord,
     queue: input.queue,
     organization_id: input.organizationId,
     agent_id: input.agentId ?? null,
     conversation_id: input.conversationId ?? null,
-    action_input: input.payload,
+    action_input_json: JSON.stringify(input.payload),
     priority: input.priority ?? 0,
     delay_ms: input.delayMs ?? null,
     run_at: input.runAt?.toISOString() ?? null,
     expires_at: input.expiresAt?.toISOString() ?? null,
-    max_attempts: input.maxAttempts ?? 3,
+    max_attempts: input.maxAttempts ?? defaultMaxAttempts,
     retry_delay_seconds: input.retryDelaySeconds ?? null,
     idempotency_key: input.idempotencyKey ?? null
   }

@@ -1,0 +1,25 @@
+/**
+ * `npm run bench`: prints a table; `npm run bench -- --json` prints a JSON array of
+ * `{ name, value, unit, baseline, ratio }` instead.
+ */
+import { Effect } from "effect"
+import { benchDatabase, printTable } from "./harness.ts"
+import { runsBenchmarks } from "./runs.ts"
+
+const json = process.argv.includes("--json")
+
+const program = Effect.gen(function*() {
+  const { url, server } = yield* benchDatabase
+  const results = yield* runsBenchmarks(url)
+  if (json) {
+    process.stdout.write(`${JSON.stringify(results.map(({ name, value, unit, baseline, ratio }) => ({ name, value, unit, baseline, ratio })), null, 2)}\n`)
+  } else {
+    process.stdout.write(`runlane benchmarks on ${server}, Node ${process.version}\n\n`)
+    printTable(results)
+  }
+}).pipe(Effect.scoped)
+
+Effect.runPromise(program).catch((error: unknown) => {
+  process.stderr.write(`${String(error)}\n`)
+  process.exitCode = 1
+})

@@ -1,0 +1,199 @@
+/**
+ * Issue #2's figures: RunsQueue.send / sendMany against raw postgres.js inserts of the same rows, and
+ * RunOwnership.verify on a table of 1,000,000 runs against a `SELECT 1` round trip and a JSONB-only scan.
+ */
+import { Effect, Layer, Redacted } from "effect"
+import postgres from "postgres"
+import { Database } from "../src/db/Database.ts"
+import { RunOwnership } from "../src/ownership/RunOwnership.ts"
+import type { SendRunInput } from "../src/runs/runInput.ts"
+import { RunsQueue } from "../src/runs/RunsQueue.ts"
+import { type BenchResult, median, now, time } from "./harness.ts"
+
+const input: SendRunInput = {
+  queue: "messages",
+  organizationId: "org-bench",
+  agentId: "agent-bench",
+  conversationId: "telegram:6570514069",
+  payload: { messageText: "hello there", platform: "telegram", channelId: "6570514069", attempt: 1 }
+}
+
+/** Runs in the big table for the verify figures (the reference's "multi-million-row" fear, scaled to CI). */
+const bigTableRows = 1_000_000
+
+export const runsBenchmarks = (url: string): Effect.Effect<ReadonlyArray<BenchResult>, unknown> =>
+  Effect.gen(function*() {
+    const queue = yield* RunsQueue
+    const ownership = yield* RunOwnership
+    const database = yield* Database
+    // The baseline's own client: a plain postgres.js pool of the same size, untouched by drizzle.
+    const raw = yield* Effect.acquireRelease(
+      Effect.sync(() => postgres(url, { max: 4, onnotice: () => {} })),
+      (sql) => Effect.promise(() => sql.end({ timeout: 5 }))
+    )
+    // The row as a developer would insert it by hand: the same column values, defaults for the rest.
+    const rawInsert = () =>
+      raw`
+        insert into runs (organization_id, agent_id, conversation_id, queue, action_input)
+        values (${input.organizationId}, ${input.agentId!}, ${input.conversationId!}, ${input.queue}, ${raw.json(input.payload)})
+        returning id`
+    const results: Array<BenchResult> = []
+
+    // send, one at a time: rounds of 200, the order of the two sides alternating every round.
+    {
+      const perRound = 200
+      const libTimes: Array<number> = []
+      const rawTimes: Array<number> = []
+      const libRound = Effect.gen(function*() {
+        const start = now()
+        for (let i = 0; i < perRound; i++) yield* queue.send(input)
+        return now() - start
+      })
+      const rawRound = Effect.promise(() =>
+        time(async () => {
+          for (let i = 0; i < perRound; i++) await rawInsert()
+        }))
+      for (let round = 0; round < 24; round++) {
+        const [libTime, rawTime] = round % 2 === 0
+          ? [yield* libRound, yield* rawRound]
+          : yield* Effect.map(Effect.all([rawRound, libRound]), ([r, l]) => [l, r] as const)
+        // The first four rounds warm both sides up (connections, prepared statements, JIT).
+        if (round >= 4) {
+          libTimes.push(libTime)
+          rawTimes.push(rawTime)
+        }
+      }
+      results.push({
+        name: "send, one run at a time",
+        value: (perRound / median(libTimes)) * 1000,
+        baseline: (perRound / median(rawTimes)) * 1000,
+        unit: "runs/s",
+        ratio: median(rawTimes) / median(libTimes),
+        note: "baseline: raw postgres.js INSERT of the same row"
+      })
+    }
+
+    // sendMany of 1,000 vs one raw multi-row INSERT of the same rows.
+    {
+      const batch = Array.from({ length: 1000 }, (_, i) => ({ ...input, payload: { ...input.payload, i } }))
+      const rows = batch.map((run) => ({
+        organization_id: run.organizationId,
+        agent_id: run.agentId!,
+        conversation_id: run.conversationId!,
+        queue: run.queue,
+        action_input: raw.json(run.payload)
+      }))
+      const libTimes: Array<number> = []
+      const rawTimes: Array<number> = []
+      for (let round = 0; round < 22; round++) {
+        const libStart = now()
+        yield* queue.sendMany(batch)
+        const libTime = now() - libStart
+        const rawTime = yield* Effect.promise(() => time(() => raw`insert into runs ${raw(rows)} returning id`))
+        if (round >= 2) {
+          libTimes.push(libTime)
+          rawTimes.push(rawTime)
+        }
+      }
+      results.push({
+        name: "sendMany, 1,000 runs per call",
+        value: (1000 / median(libTimes)) * 1000,
+        baseline: (1000 / median(rawTimes)) * 1000,
+        unit: "runs/s",
+        ratio: median(rawTimes) / median(libTimes),
+        note: "baseline: raw multi-row INSERT"
+      })
+    }
+
+    // verify on a big table.
+    yield* database.use("bench.fill", (sql) =>
+      sql`
+        insert into runs (organization_id, agent_id, conversation_id, queue, action_input)
+        select 'org-' || (g % 1000), 'agent-' || (g % 50), 'conv-' || g, 'messages',
+               jsonb_build_object('agentId', 'agent-' || (g % 50), 'conversationId', 'conv-' || g, 'runNo', g)
+          from generate_series(1, ${bigTableRows}) g`)
+    yield* database.use("bench.analyze", (sql) => sql`vacuum analyze runs`)
+    const [{ max_id: maxId, min_id: minId }] = yield* database.use("bench.ids", (sql) =>
+      sql<[{ max_id: string; min_id: string }]>`select max(id)::text as max_id, min(id)::text as min_id from runs`)
+    const scopeOf = async (id: number) => {
+      const [row] = await raw<Array<{ organization_id: string; agent_id: string; conversation_id: string }>>`
+        select organization_id, agent_id, conversation_id from runs where id = ${id}`
+      return { organizationId: row!.organization_id, agentId: row!.agent_id, conversationId: row!.conversation_id }
+    }
+    const samples = 2000
+    const ids = Array.from({ length: samples }, (_, i) =>
+      Number(minId) + Math.floor(((Number(maxId) - Number(minId)) * i) / samples))
+    const scopes = yield* Effect.promise(() => Promise.all(ids.map(scopeOf)))
+    const verifyTimes: Array<number> = []
+    const selectOneTimes: Array<number> = []
+    const handWrittenTimes: Array<number> = []
+    for (let round = 0; round < 2; round++) {
+      for (let i = 0; i < samples; i++) {
+        const verifyStart = now()
+        const ok = yield* ownership.verify(ids[i]!, scopes[i]!)
+        const verifyTime = now() - verifyStart
+        if (!ok) return yield* Effect.die(new Error(`verify answered false for run ${ids[i]}`))
+        const selectStart = now()
+        yield* database.use("bench.select1", (sql) => sql`select 1`)
+        const selectTime = now() - selectStart
+        const handStart = now()
+        yield* database.use("bench.handWritten", (sql) =>
+          sql`select 1 from runs where id = ${ids[i]!} and organization_id = ${scopes[i]!.organizationId}
+                and agent_id = ${scopes[i]!.agentId} and conversation_id = ${scopes[i]!.conversationId}`)
+        const handTime = now() - handStart
+        if (round === 1) { // round 0 warms caches and prepared statements
+          verifyTimes.push(verifyTime)
+          selectOneTimes.push(selectTime)
+          handWrittenTimes.push(handTime)
+        }
+      }
+    }
+    results.push({
+      name: `verify on ${bigTableRows.toLocaleString("en")} runs, median`,
+      value: median(verifyTimes),
+      baseline: median(selectOneTimes),
+      unit: "ms",
+      ratio: median(selectOneTimes) / median(verifyTimes),
+      note: "baseline: SELECT 1 round trip on the same pool; target ratio >= 0.77 (within 1.3x)"
+    })
+    results.push({
+      name: "verify vs the same check hand-written, median",
+      value: median(verifyTimes),
+      baseline: median(handWrittenTimes),
+      unit: "ms",
+      ratio: median(handWrittenTimes) / median(verifyTimes),
+      note: "baseline: one postgres.js primary-key query with the scope in WHERE"
+    })
+    const scanTimes: Array<number> = []
+    const scanVerifyTimes: Array<number> = []
+    for (let i = 0; i < 5; i++) {
+      const scope = scopes[i * 300]!
+      const runNo = ids[i * 300]! - Number(minId) + 1
+      scanTimes.push(yield* Effect.promise(() =>
+        time(() =>
+          raw`
+            select 1 from runs
+             where organization_id = ${scope.organizationId}
+               and action_input->>'agentId' = ${scope.agentId}
+               and action_input->>'conversationId' = ${scope.conversationId}
+               and action_input->>'runNo' = ${String(runNo)}
+             limit 1`)))
+      const verifyStart = now()
+      yield* ownership.verify(ids[i * 300]!, scope)
+      scanVerifyTimes.push(now() - verifyStart)
+    }
+    results.push({
+      name: "verify vs a JSONB-only scan without the primary key",
+      value: median(verifyTimes),
+      baseline: median(scanTimes),
+      unit: "ms",
+      ratio: median(scanTimes) / median(verifyTimes),
+      note: "the slowness the reference's change feared; ratio is the speedup"
+    })
+    return results
+  }).pipe(
+    Effect.scoped,
+    Effect.provide(Layer.mergeAll(RunsQueue.layer, RunOwnership.layer).pipe(
+      Layer.provideMerge(Database.layerWith({ url: Redacted.make(url), poolMax: 4 }))
+    ))
+  )
