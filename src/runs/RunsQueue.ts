@@ -108,26 +108,48 @@ const insertOne = (client: Client, run: RunRecord) => {
 const onConflictDoNothing =
   "on conflict (organization_id, idempotency_key) where idempotency_key is not null and status in ('pending', 'claimed') do nothing"
 
+/** The batch's columns as one array parameter each, unnested in input order (`i.ord` counts from 1). */
+const unnestRuns = (client: Client, runs: ReadonlyArray<RunRecord>) => client`
+  unnest(
+    ${runs.map((r) => r.organization_id)}::text[], ${runs.map((r) => r.agent_id)}::text[],
+    ${runs.map((r) => r.conversation_id)}::text[], ${runs.map((r) => r.queue)}::text[],
+    ${runs.map((r) => r.action_input_json)}::text[]::jsonb[], ${runs.map((r) => r.priority)}::int[],
+    ${runs.map((r) => r.delay_ms)}::float8[], ${runs.map((r) => r.run_at)}::text[]::timestamptz[],
+    ${runs.map((r) => r.expires_at)}::text[]::timestamptz[], ${runs.map((r) => r.max_attempts)}::int[],
+    ${runs.map((r) => r.retry_delay_seconds)}::int[], ${runs.map((r) => r.idempotency_key)}::text[]
+  ) with ordinality as i(organization_id, agent_id, conversation_id, queue, action_input, priority,
+                         delay_ms, run_at, expires_at, max_attempts, retry_delay_seconds, idempotency_key, ord)`
+
 /**
- * A batch in one statement: one array parameter per column, unnested in input order. Ids are drawn with
- * nextval() before the insert so every input row keeps its id whether it was inserted or deduped.
+ * A batch without idempotency keys: every run is inserted. Ids come from the identity sequence as
+ * unnest produces the rows, in array order, so the returned ids sorted ascending are the input order.
  * Timestamps travel as text[] and are cast by the server: drizzle replaces postgres.js's serializers
  * for date types, so binding them as timestamptz[] would depend on which client built the pool.
+ */
+const insertBatchWithoutKeys = (client: Client, runs: ReadonlyArray<RunRecord>) =>
+  client<Array<{ id: string }>>`
+    with inserted as (
+      insert into runs (organization_id, agent_id, conversation_id, queue, action_input, priority,
+                        run_at, expires_at, max_attempts, retry_delay_seconds)
+      select organization_id, agent_id, conversation_id, queue, action_input, priority,
+             coalesce(run_at, now() + coalesce(delay_ms, 0) * interval '1 millisecond'),
+             expires_at, max_attempts, retry_delay_seconds
+        from ${unnestRuns(client, runs)}
+      returning id, queue
+    ),
+    notified as (
+      select count(pg_notify(${runsChannel}, queue)) as queues from (select distinct queue from inserted) q
+    )
+    select id::text from inserted cross join notified`
+
+/**
+ * A batch with idempotency keys. Ids are drawn with nextval() before the insert so every input row keeps
+ * its id whether it was inserted or deduped, and each row answers its own `{ id, created }`.
  */
 const insertBatch = (client: Client, runs: ReadonlyArray<RunRecord>) =>
   client<Array<InsertedRow>>`
     with input as materialized (
-      select nextval('runs_id_seq') as id, i.*
-        from unnest(
-          ${runs.map((r) => r.organization_id)}::text[], ${runs.map((r) => r.agent_id)}::text[],
-          ${runs.map((r) => r.conversation_id)}::text[], ${runs.map((r) => r.queue)}::text[],
-          ${runs.map((r) => r.action_input_json)}::text[]::jsonb[], ${runs.map((r) => r.priority)}::int[],
-          ${runs.map((r) => r.delay_ms)}::float8[], ${runs.map((r) => r.run_at)}::text[]::timestamptz[],
-          ${runs.map((r) => r.expires_at)}::text[]::timestamptz[], ${runs.map((r) => r.max_attempts)}::int[],
-          ${runs.map((r) => r.retry_delay_seconds)}::int[], ${runs.map((r) => r.idempotency_key)}::text[]
-        ) with ordinality as i(organization_id, agent_id, conversation_id, queue, action_input, priority,
-                               delay_ms, run_at, expires_at, max_attempts, retry_delay_seconds,
-                               idempotency_key, ord)
+      select nextval('runs_id_seq') as id, i.* from ${unnestRuns(client, runs)}
     ),
     inserted as (
       insert into runs (id, organization_id, agent_id, conversation_id, queue, action_input, priority,
@@ -165,11 +187,52 @@ const insertBatch = (client: Client, runs: ReadonlyArray<RunRecord>) =>
       left join inserted on inserted.id = input.id
      order by input.ord`
 
-const clientOf = (tx: DrizzleTransaction | undefined, pool: postgres.Sql): postgres.Sql | postgres.TransactionSql => {
+const clientOf = (tx: DrizzleTransaction | undefined, pool: postgres.Sql): Client | InvalidRunInput => {
   if (tx === undefined) return pool
   if (is(tx._.session, PostgresJsSession)) return tx._.session.client
-  throw new TypeError("RunsQueue: options.tx must be a Drizzle transaction of the postgres-js driver")
+  return new InvalidRunInput({ field: "options.tx", message: "must be a Drizzle transaction of the postgres-js driver" })
 }
+
+/**
+ * Inserts validated runs and answers `{ id, created }` per run, in input order. A plain async function,
+ * wrapped in one Effect by the caller: each Effect layer on this path costs a measurable share of a send.
+ */
+const writeRuns = async (client: Client, records: ReadonlyArray<RunRecord>): Promise<Array<SendResult>> => {
+  if (records.length === 1) {
+    const [row] = await insertOne(client, records[0]!)
+    if (row !== undefined) return [{ id: Number(row.id), created: true }]
+  } else if (records.every((record) => record.idempotency_key === null)) {
+    const rows = await insertBatchWithoutKeys(client, records)
+    return rows.map((row) => Number(row.id)).sort((a, b) => a - b).map((id) => ({ id, created: true }))
+  }
+  const results: Array<SendResult> = new Array(records.length)
+  // Positions in `records` still to resolve.
+  let unresolved = records.map((_, i) => i)
+  for (let round = 0; unresolved.length > 0; round++) {
+    if (round === maxIdempotencyRounds) throw new IdempotencyChurn()
+    const positions = unresolved
+    const rows = await insertBatch(client, positions.map((i) => records[i]!))
+    unresolved = []
+    for (const row of rows) {
+      // ordinality counts from 1
+      const position = positions[Number(row.ord) - 1]!
+      if (row.id === null) unresolved.push(position)
+      else results[position] = { id: Number(row.id), created: row.created }
+    }
+  }
+  return results
+}
+
+class IdempotencyChurn extends Error {
+  constructor() {
+    super(`idempotency keys kept changing state over ${maxIdempotencyRounds} attempts`)
+  }
+}
+
+const toDatabaseError = (operation: string) => (cause: unknown): DatabaseError =>
+  cause instanceof IdempotencyChurn
+    ? new DatabaseError({ operation, message: cause.message, retryable: true, cause })
+    : DatabaseError.fromCause(operation, cause)
 
 export class RunsQueue extends Context.Service<RunsQueue, {
   readonly send: (input: SendRunInput, options?: SendOptions) => Effect.Effect<SendResult, InvalidRunInput | DatabaseError>
@@ -183,76 +246,40 @@ export class RunsQueue extends Context.Service<RunsQueue, {
     RunsQueue,
     Effect.gen(function*() {
       const database = yield* Database
+      const sendError = toDatabaseError("RunsQueue.send")
+      const sendManyError = toDatabaseError("RunsQueue.sendMany")
 
-      const write = Effect.fnUntraced(function*(
-        operation: string,
-        records: ReadonlyArray<RunRecord>,
-        options: SendOptions | undefined
-      ) {
-        const client = yield* Effect.try({
-          try: () => clientOf(options?.tx, database.sql),
-          catch: (cause) => new InvalidRunInput({ field: "options.tx", message: String(cause) })
+      // Plain Effect.suspend rather than Effect.fn: on this hot path Effect.fn's span and call-site
+      // capture measured ~70 µs per call, a fifth of a whole INSERT round trip (npm run bench).
+      // Callers who want a span wrap the call in Effect.withSpan.
+      const send = (input: SendRunInput, options?: SendOptions) =>
+        Effect.suspend((): Effect.Effect<SendResult, InvalidRunInput | DatabaseError> => {
+          const record = toRunRecord(input, 0, false)
+          if (record instanceof InvalidRunInput) return Effect.fail(record)
+          const client = clientOf(options?.tx, database.sql)
+          if (client instanceof InvalidRunInput) return Effect.fail(client)
+          return Effect.tryPromise({
+            try: () => writeRuns(client, [record]).then((results) => results[0]!),
+            catch: sendError
+          })
         })
-        if (records.length === 1) {
-          const rows = yield* Effect.tryPromise({
-            try: () => insertOne(client, records[0]!),
-            catch: (cause) => DatabaseError.fromCause(operation, cause)
-          })
-          if (rows[0] !== undefined) return [{ id: Number(rows[0].id), created: true }]
-        }
-        const results: Array<SendResult | undefined> = new Array(records.length)
-        // Positions in `records` still to resolve.
-        let unresolved = records.map((_, i) => i)
-        for (let round = 0; unresolved.length > 0; round++) {
-          if (round === maxIdempotencyRounds) {
-            return yield* new DatabaseError({
-              operation,
-              message: `idempotency keys kept changing state over ${maxIdempotencyRounds} attempts`,
-              retryable: true,
-              cause: null
-            })
-          }
-          const positions = unresolved
-          const rows = yield* Effect.tryPromise({
-            try: () => insertBatch(client, positions.map((i) => records[i]!)),
-            catch: (cause) => DatabaseError.fromCause(operation, cause)
-          })
-          unresolved = []
-          for (const row of rows) {
-            // ordinality counts from 1
-            const position = positions[Number(row.ord) - 1]!
-            if (row.id === null) unresolved.push(position)
-            else results[position] = { id: Number(row.id), created: row.created }
-          }
-        }
-        return results as Array<SendResult>
-      })
 
-      // Untraced: Effect.fn's span and call-site capture measured ~70 µs per call, a fifth of a whole
-      // INSERT round trip (npm run bench); callers who want a span wrap the call in Effect.withSpan.
-      const send = Effect.fnUntraced(function*(input: SendRunInput, options?: SendOptions) {
-        const record = toRunRecord(input, 0, false)
-        if (record instanceof InvalidRunInput) return yield* record
-        const [result] = yield* write("RunsQueue.send", [record], options)
-        return result!
-      })
-
-      const sendMany = Effect.fnUntraced(function*(
-        inputs: ReadonlyArray<SendRunInput>,
-        options?: SendOptions
-      ) {
-        if (inputs.length > maxBatchSize) {
-          return yield* new InvalidRunInput({ field: "inputs", message: `at most ${maxBatchSize} runs per batch` })
-        }
-        const records: Array<RunRecord> = []
-        for (let i = 0; i < inputs.length; i++) {
-          const record = toRunRecord(inputs[i]!, i, true)
-          if (record instanceof InvalidRunInput) return yield* record
-          records.push(record)
-        }
-        if (records.length === 0) return []
-        return yield* write("RunsQueue.sendMany", records, options)
-      })
+      const sendMany = (inputs: ReadonlyArray<SendRunInput>, options?: SendOptions) =>
+        Effect.suspend((): Effect.Effect<ReadonlyArray<SendResult>, InvalidRunInput | DatabaseError> => {
+          if (inputs.length > maxBatchSize) {
+            return Effect.fail(new InvalidRunInput({ field: "inputs", message: `at most ${maxBatchSize} runs per batch` }))
+          }
+          const records: Array<RunRecord> = []
+          for (let i = 0; i < inputs.length; i++) {
+            const record = toRunRecord(inputs[i]!, i, true)
+            if (record instanceof InvalidRunInput) return Effect.fail(record)
+            records.push(record)
+          }
+          if (records.length === 0) return Effect.succeed([])
+          const client = clientOf(options?.tx, database.sql)
+          if (client instanceof InvalidRunInput) return Effect.fail(client)
+          return Effect.tryPromise({ try: () => writeRuns(client, records), catch: sendManyError })
+        })
 
       return RunsQueue.of({ send, sendMany })
     })
