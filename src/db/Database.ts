@@ -4,11 +4,13 @@
  * Every other service reaches PostgreSQL through this one. The pool is ended with a bounded wait when
  * the layer closes: postgres.js `end()` without a timeout can hang after a `reserve()` (porsager/postgres#925).
  */
+import { randomUUID } from "node:crypto"
 import { drizzle, type PostgresJsDatabase } from "drizzle-orm/postgres-js"
 import { Config, Context, Effect, Layer, Redacted, Schema } from "effect"
 import postgres from "postgres"
 import * as schema from "../schema/index.ts"
 import { DatabaseError } from "./DatabaseError.ts"
+import { ConnectionTracker, type PinnedConnection } from "./pinnedConnection.ts"
 
 export type RunlaneDrizzle = PostgresJsDatabase<typeof schema>
 
@@ -17,6 +19,12 @@ export interface DatabaseOptions {
   /** Connections in the pool. Defaults to 20. */
   readonly poolMax?: number
 }
+
+/** No pool connection became free for a pinned holder within the reserve timeout. */
+export class PoolExhausted extends Schema.TaggedError<PoolExhausted>()("PoolExhausted", {
+  timeoutMs: Schema.Number,
+  poolMax: Schema.Number
+}) {}
 
 /** Seconds `sql.end()` may wait for running queries when the layer closes before connections are cut. */
 const poolEndTimeoutSeconds = 5
@@ -33,11 +41,26 @@ export class Database extends Context.Service<Database, {
   readonly db: RunlaneDrizzle
   readonly poolMax: number
   readonly url: Redacted.Redacted<string>
+  /** `application_name` of this pool's sessions: "runlane:" and a per-process UUID. */
+  readonly applicationName: string
   /** Runs one promise-returning database call, turning whatever it throws into a `DatabaseError`. */
   readonly use: <A>(operation: string, f: (sql: postgres.Sql) => PromiseLike<A>) => Effect.Effect<A, DatabaseError>
+  /**
+   * Pins one pool connection to the caller, waiting at most `timeoutMs` (postgres.js alone waits
+   * forever and cannot be cancelled: a reservation that arrives after the timeout, or after the caller
+   * was interrupted, is released at once). The caller must `release` or `destroy` it.
+   */
+  readonly reserve: (timeoutMs: number) => Effect.Effect<PinnedConnection, PoolExhausted | DatabaseError>
 }>()("runlane/Database") {
   /** A pool for an explicit URL (tests, the embedded server, applications with their own configuration). */
-  static readonly layerWith = (options: DatabaseOptions) => Layer.effect(Database, make(options))
+  static readonly layerWith = (options: DatabaseOptions) => Layer.effect(Database, make(options, undefined))
+
+  /**
+   * A Database over a postgres.js pool the caller created (and ends). runlane installs its `debug`
+   * and `onclose` hooks on it, chained to any the caller set, and patches it for Drizzle.
+   */
+  static readonly layerFromClient = (client: postgres.Sql, options: DatabaseOptions) =>
+    Layer.effect(Database, make(options, client))
 
   /** A pool configured from `DATABASE_URL` (required) and `DB_POOL_MAX`. */
   static readonly layer = Layer.effect(
@@ -45,28 +68,70 @@ export class Database extends Context.Service<Database, {
     Effect.gen(function*() {
       const url = yield* Config.Redacted("DATABASE_URL")
       const poolMax = yield* poolMaxConfig
-      return yield* make({ url, poolMax })
+      return yield* make({ url, poolMax }, undefined)
     })
   )
 }
 
-const make = Effect.fnUntraced(function*(options: DatabaseOptions) {
+const make = Effect.fnUntraced(function*(options: DatabaseOptions, client: postgres.Sql | undefined) {
   const poolMax = options.poolMax ?? 20
-  const sql = yield* Effect.acquireRelease(
+  const applicationName = client === undefined
+    ? `runlane:${randomUUID()}`
+    : String((client.options as { connection?: { application_name?: unknown } }).connection?.application_name ?? "")
+  const sql = client ?? (yield* Effect.acquireRelease(
     Effect.sync(() =>
       postgres(Redacted.value(options.url), {
         max: poolMax,
         // NOTICEs such as "relation already exists, skipping" are not errors and would only add noise.
         onnotice: () => {},
-        connection: { application_name: "runlane" }
+        connection: { application_name: applicationName }
       })
     ),
     (sql) => Effect.promise(() => sql.end({ timeout: poolEndTimeoutSeconds }))
-  )
+  ))
+  const tracker = new ConnectionTracker()
+  tracker.install(sql)
   // Drizzle patches the pool's serializers (jsonb parameters pass through as text); every query
   // in runlane binds JSON as text cast by the server, so it is encoded exactly once either way.
   const db = drizzle(sql, { schema })
   const use = <A>(operation: string, f: (sql: postgres.Sql) => PromiseLike<A>) =>
     Effect.tryPromise({ try: () => f(sql), catch: (cause) => DatabaseError.fromCause(operation, cause) })
-  return Database.of({ sql, db, poolMax, url: options.url, use })
+  const reserve = (timeoutMs: number) =>
+    Effect.callback<PinnedConnection, PoolExhausted | DatabaseError>((resume, signal) => {
+      let settled = false
+      const settle = (effect: Effect.Effect<PinnedConnection, PoolExhausted | DatabaseError>) => {
+        if (settled) return false
+        settled = true
+        clearTimeout(timer)
+        resume(effect)
+        return true
+      }
+      const timer = setTimeout(() => settle(Effect.fail(new PoolExhausted({ timeoutMs, poolMax }))), timeoutMs)
+      sql.reserve().then(
+        (reserved) => {
+          if (settled || signal.aborted) {
+            // Nobody waits for it any more; it never ran a query, so it goes straight back.
+            reserved.release()
+            return
+          }
+          const pinned = tracker.pin(reserved)
+          pinned.identify().then(
+            () => {
+              if (!settle(Effect.succeed(pinned))) pinned.release()
+            },
+            (cause: unknown) => {
+              // The session is in doubt: end it rather than hand it back.
+              void pinned.destroy(sql, timeoutMs)
+              settle(Effect.fail(DatabaseError.fromCause("Database.reserve", cause)))
+            }
+          )
+        },
+        (cause: unknown) => settle(Effect.fail(DatabaseError.fromCause("Database.reserve", cause)))
+      )
+      return Effect.sync(() => {
+        settled = true
+        clearTimeout(timer)
+      })
+    })
+  return Database.of({ sql, db, poolMax, url: options.url, applicationName, use, reserve })
 })

@@ -1,0 +1,190 @@
+/**
+ * Pool connections pinned to one holder (postgres.js `reserve()`), made safe to hold for a long time.
+ *
+ * postgres.js has three traps here, all reproduced on 3.4.9:
+ * - a query written to a reserved connection after that connection closed is sent to a null socket
+ *   from a setImmediate callback: an uncaught TypeError that takes the whole process down;
+ * - `release()` of a connection that already closed puts the dead connection in the idle list;
+ * - `release()` twice hands one connection to two holders (porsager/postgres#1199 is the same family).
+ *
+ * So every pinned connection is identified (its postgres.js connection id, learnt through the pool's
+ * `debug` hook from a query carrying a unique token) and the pool's `onclose` hook marks it closed
+ * synchronously, in the same tick postgres.js drops the socket. A pinned connection refuses queries
+ * once closed, releases at most once, and never releases a closed connection (postgres.js has already
+ * taken it back). Side effect of the `debug` hook: postgres.js then makes the query text and parameters
+ * of its errors enumerable; runlane never puts them in a DatabaseError message.
+ */
+import { randomUUID } from "node:crypto"
+import type postgres from "postgres"
+
+const tokenPrefix = "runlane-pin:"
+
+/** Raised instead of touching a pinned connection that is known to be closed. */
+export class PinnedConnectionClosed extends Error {
+  // A connection-class code, so DatabaseError classifies it as retryable.
+  readonly code = "CONNECTION_CLOSED"
+  constructor(pid: number) {
+    super(`the pinned connection (backend ${pid}) is closed`)
+  }
+}
+
+export class PinnedConnection {
+  /** postgres.js connection id, known once the identifying query has run. */
+  connectionId: number | undefined = undefined
+  /** Server backend pid of the session. */
+  pid = 0
+  private isClosed = false
+  private isReleased = false
+  private readonly closeWaiters: Array<() => void> = []
+
+  constructor(
+    private readonly reserved: postgres.ReservedSql,
+    private readonly tracker: ConnectionTracker
+  ) {}
+
+  /** true once postgres.js has seen the connection close; the session and its locks are gone. */
+  get closed(): boolean {
+    return this.isClosed
+  }
+
+  get released(): boolean {
+    return this.isReleased
+  }
+
+  /** Resolves when the connection closes (never, if it is released healthy first). */
+  whenClosed(): Promise<void> {
+    return this.isClosed ? Promise.resolve() : new Promise((resolve) => this.closeWaiters.push(resolve))
+  }
+
+  /** Called by the tracker, synchronously from postgres.js's close handler. */
+  markClosed(): void {
+    if (this.isClosed) return
+    this.isClosed = true
+    for (const wake of this.closeWaiters.splice(0)) wake()
+  }
+
+  /**
+   * Runs one query on the pinned session. `f` must issue its query synchronously: the closed check and
+   * the write then happen in the same tick, so a close can only arrive after the query is in flight,
+   * where postgres.js rejects it instead of crashing.
+   */
+  query<A>(f: (sql: postgres.ReservedSql) => PromiseLike<A>): Promise<A> {
+    if (this.isClosed || this.isReleased) return Promise.reject(new PinnedConnectionClosed(this.pid))
+    return Promise.resolve(f(this.reserved))
+  }
+
+  /** Returns a healthy connection to the pool. At most once; a closed connection is already back. */
+  release(): void {
+    if (this.isReleased) return
+    this.isReleased = true
+    this.tracker.forget(this)
+    if (!this.isClosed) this.reserved.release()
+  }
+
+  /**
+   * Ends the session so that whatever it holds is dropped, without ever returning it to the pool:
+   * `pg_terminate_backend` through the pool, then waits (bounded) for postgres.js to see the close,
+   * after which postgres.js reconnects that slot on demand. Answers whether the close was seen.
+   */
+  async destroy(pool: postgres.Sql, timeoutMs: number): Promise<boolean> {
+    if (this.isReleased) return this.isClosed
+    this.isReleased = true
+    try {
+      if (this.isClosed) return true
+      const closed = this.whenClosed()
+      if (this.pid !== 0) {
+        await withinMs(pool`select pg_terminate_backend(${this.pid})`, timeoutMs).catch(() => undefined)
+      }
+      return await withinMs(closed.then(() => true), timeoutMs).catch(() => false)
+    } finally {
+      this.tracker.forget(this)
+    }
+  }
+
+  /** The identifying query: learns the backend pid and, through the debug hook, the connection id. */
+  identify(): Promise<void> {
+    const token = `${tokenPrefix}${randomUUID()}`
+    this.tracker.expect(token, this)
+    return this.query((sql) => sql<Array<{ pid: number }>>`select pg_backend_pid() as pid, ${token}::text as token`)
+      .then(([row]) => {
+        this.pid = row!.pid
+      })
+      .finally(() => this.tracker.unexpect(token))
+  }
+}
+
+/** Rejects when `promise` has not settled within `ms`; the underlying work is not cancelled. */
+export const withinMs = <A>(promise: PromiseLike<A>, ms: number): Promise<A> =>
+  new Promise((resolve, reject) => {
+    const timer = setTimeout(() => reject(new Error(`timed out after ${ms} ms`)), ms)
+    Promise.resolve(promise).then(
+      (value) => {
+        clearTimeout(timer)
+        resolve(value)
+      },
+      (error: unknown) => {
+        clearTimeout(timer)
+        reject(error)
+      }
+    )
+  })
+
+/** Hooks installed on the pool: which connection each pinned handle runs on, and when one closes. */
+export class ConnectionTracker {
+  private readonly expected = new Map<string, PinnedConnection>()
+  private readonly byConnectionId = new Map<number, PinnedConnection>()
+
+  /** Pinned connections currently tracked (not yet released or destroyed). */
+  get size(): number {
+    return this.byConnectionId.size
+  }
+
+  /** Chains the hooks onto the pool's options; postgres.js reads both options at call time. */
+  install(sql: postgres.Sql): void {
+    const options = sql.options as { debug: unknown; onclose: unknown }
+    const previousDebug = options.debug
+    const previousOnClose = options.onclose
+    options.debug = (connectionId: number, query: string, parameters: Array<unknown>, types: Array<unknown>) => {
+      this.onQuery(connectionId, parameters)
+      if (typeof previousDebug === "function") previousDebug(connectionId, query, parameters, types)
+    }
+    options.onclose = (connectionId: number) => {
+      this.onClose(connectionId)
+      if (typeof previousOnClose === "function") previousOnClose(connectionId)
+    }
+  }
+
+  pin(reserved: postgres.ReservedSql): PinnedConnection {
+    return new PinnedConnection(reserved, this)
+  }
+
+  expect(token: string, pinned: PinnedConnection): void {
+    this.expected.set(token, pinned)
+  }
+
+  unexpect(token: string): void {
+    this.expected.delete(token)
+  }
+
+  forget(pinned: PinnedConnection): void {
+    if (pinned.connectionId !== undefined && this.byConnectionId.get(pinned.connectionId) === pinned) {
+      this.byConnectionId.delete(pinned.connectionId)
+    }
+  }
+
+  private onQuery(connectionId: number, parameters: Array<unknown>): void {
+    const token = parameters[0]
+    if (typeof token !== "string" || !token.startsWith(tokenPrefix)) return
+    const pinned = this.expected.get(token)
+    if (pinned === undefined) return
+    pinned.connectionId = connectionId
+    this.byConnectionId.set(connectionId, pinned)
+  }
+
+  private onClose(connectionId: number): void {
+    const pinned = this.byConnectionId.get(connectionId)
+    if (pinned === undefined) return
+    this.byConnectionId.delete(connectionId)
+    pinned.markClosed()
+  }
+}

@@ -1,0 +1,437 @@
+/**
+ * ConversationLocks: at most one holder per (organization, agent, conversation) across every process
+ * sharing the database, through a session advisory lock held on a pinned pool connection.
+ *
+ * `acquire` follows one order, and every step of it is load-bearing:
+ * 1. cap check against this process's count (held + in flight): over the cap fails LockCapReached
+ *    without touching the count;
+ * 2. count up before anything asynchronous, so concurrent acquirers see each other;
+ * 3. pin a pool connection within the reserve timeout (PoolExhausted otherwise);
+ * 4. pg_try_advisory_lock on it: false is ConversationBusy;
+ * 5. finalizers, run on success, failure and interruption alike, in this order: stop the watchdog;
+ *    unlock (bounded retries, skipped when the session is gone); return the connection only after a
+ *    successful unlock, otherwise end the session (a session that may still hold the lock never goes
+ *    back to the pool); count down, exactly once, whatever failed before.
+ * While the lock is held a watchdog notices a dead session at once when postgres.js sees the
+ * connection close, and within one keepalive interval otherwise; the handle exposes the loss.
+ */
+import { Config, Context, Deferred, Effect, Layer, Option, Schema, type Scope } from "effect"
+import { Database, type PoolExhausted } from "../db/Database.ts"
+import { DatabaseError } from "../db/DatabaseError.ts"
+import { type PinnedConnection, withinMs } from "../db/pinnedConnection.ts"
+import { capVariable, nearCapThreshold, resolveLockCap } from "./lockCap.ts"
+import { type ConversationKey, conversationLockHash, defaultLockNamespace, isLockNamespace } from "./lockKey.ts"
+
+export class ConversationBusy extends Schema.TaggedError<ConversationBusy>()("ConversationBusy", {
+  organizationId: Schema.String,
+  agentId: Schema.String,
+  conversationId: Schema.String
+}) {}
+
+/** This process already pins as many connections as its cap allows. The count was not changed. */
+export class LockCapReached extends Schema.TaggedError<LockCapReached>()("LockCapReached", {
+  count: Schema.Number,
+  cap: Schema.Number
+}) {}
+
+/** The session holding the lock died while it was held (backend terminated, connection dropped). */
+export class LockLost extends Schema.TaggedError<LockLost>()("LockLost", {
+  organizationId: Schema.String,
+  agentId: Schema.String,
+  conversationId: Schema.String,
+  backendPid: Schema.Number,
+  reason: Schema.String
+}) {}
+
+/** A setting that would make locks unsafe; the service refuses to start. */
+export class LockConfigError extends Schema.TaggedError<LockConfigError>()("LockConfigError", {
+  variable: Schema.String,
+  message: Schema.String
+}) {}
+
+/** The database connection does not keep one server session across transactions. */
+export class SessionPoolingRequired extends Schema.TaggedError<SessionPoolingRequired>()("SessionPoolingRequired", {
+  message: Schema.String
+}) {}
+
+export type AcquireError = ConversationBusy | LockCapReached | PoolExhausted | DatabaseError
+
+export interface ConversationLock {
+  readonly key: ConversationKey
+  /** The two int4 keys of pg_advisory_lock. */
+  readonly advisoryKey: readonly [number, number]
+  readonly backendPid: number
+  /** Epoch milliseconds. */
+  readonly acquiredAt: number
+  /** true once the session holding the lock is known to be gone. */
+  readonly isLost: Effect.Effect<boolean>
+  /** Completes with the loss when the session dies; never completes while the lock is held. */
+  readonly awaitLost: Effect.Effect<LockLost>
+}
+
+export interface LocalLockUsage {
+  readonly held: number
+  readonly inFlight: number
+  readonly cap: number
+  /** count >= 80% of the cap (never for a cap of 0). */
+  readonly nearCap: boolean
+  /** Age of the oldest held lock in milliseconds, null when none is held. */
+  readonly oldestHoldMs: number | null
+  readonly acquired: number
+  readonly busy: number
+  readonly capReached: number
+  readonly lost: number
+}
+
+export interface LockUsage extends LocalLockUsage {
+  /** Locks of the namespace that this process's sessions hold, according to pg_locks. */
+  readonly heldInDatabaseByThisProcess: number
+  /** Locks of the namespace held by every process sharing the database. */
+  readonly heldInDatabase: number
+}
+
+export interface ConversationLocksOptions {
+  /** Most connections this process may pin at once; 0 refuses every acquire. */
+  readonly cap: number
+  /** First int4 of every conversation lock. Defaults to "rlck" (0x726c636b). */
+  readonly namespace?: number
+  /** Longest wait for a pool connection. Defaults to 5,000 ms. */
+  readonly reserveTimeoutMs?: number
+  /** Watchdog interval while a lock is held. Defaults to 5,000 ms. */
+  readonly keepaliveMs?: number
+}
+
+export const defaults = { reserveTimeoutMs: 5_000, keepaliveMs: 5_000 } as const
+
+/** Unlock attempts and the waits between them. */
+const unlockBackoffMs = [100, 200] as const
+/** Bound on each query a finalizer runs, so shutdown cannot hang on a stalled connection. */
+const finalizerQueryTimeoutMs = 2_000
+
+export class ConversationLocks extends Context.Service<ConversationLocks, {
+  /** Holds the conversation's lock for the life of the caller's scope. */
+  readonly acquire: (key: ConversationKey) => Effect.Effect<ConversationLock, AcquireError, Scope.Scope>
+  /**
+   * Runs `f` while holding the lock. If the session dies meanwhile, `f` is interrupted and the
+   * result is a LockLost failure.
+   */
+  readonly withLock: <A, E, R>(
+    key: ConversationKey,
+    f: (lock: ConversationLock) => Effect.Effect<A, E, R>
+  ) => Effect.Effect<A, E | AcquireError | LockLost, Exclude<R, Scope.Scope>>
+  /** In-process counts and counters; no database access. */
+  readonly localUsage: Effect.Effect<LocalLockUsage>
+  /** `localUsage` reconciled with pg_locks. */
+  readonly usage: Effect.Effect<LockUsage, DatabaseError>
+}>()("runlane/ConversationLocks") {
+  static readonly layerWith = (options: ConversationLocksOptions) =>
+    Layer.effect(
+      ConversationLocks,
+      Effect.gen(function*() {
+        return yield* make(yield* Database, options)
+      })
+    )
+
+  /**
+   * Configured from the environment: RUNLANE_MAX_RESERVED_LOCKS (default max(1, DB_POOL_MAX - 5)),
+   * RUNLANE_LOCK_NAMESPACE, RUNLANE_LOCK_RESERVE_TIMEOUT_MS, RUNLANE_LOCK_KEEPALIVE_MS. Refuses to
+   * start on an unsafe cap or behind a transaction pooler.
+   */
+  static readonly layer = Layer.effect(
+    ConversationLocks,
+    Effect.gen(function*() {
+      const database = yield* Database
+      const override = yield* Config.option(Config.String(capVariable))
+      const resolution = resolveLockCap(database.poolMax, Option.getOrUndefined(override))
+      if (resolution._tag === "Invalid") {
+        return yield* new LockConfigError({ variable: capVariable, message: resolution.message })
+      }
+      const namespace = yield* Config.Int("RUNLANE_LOCK_NAMESPACE").pipe(Config.withDefault(defaultLockNamespace))
+      if (!isLockNamespace(namespace)) {
+        return yield* new LockConfigError({
+          variable: "RUNLANE_LOCK_NAMESPACE",
+          message: `RUNLANE_LOCK_NAMESPACE=${namespace} is outside the int4 range`
+        })
+      }
+      const reserveTimeoutMs = yield* positiveMilliseconds("RUNLANE_LOCK_RESERVE_TIMEOUT_MS", defaults.reserveTimeoutMs)
+      const keepaliveMs = yield* positiveMilliseconds("RUNLANE_LOCK_KEEPALIVE_MS", defaults.keepaliveMs)
+      if (resolution.cap > 0) yield* assertSessionPooling(database, reserveTimeoutMs)
+      return yield* make(database, { cap: resolution.cap, namespace, reserveTimeoutMs, keepaliveMs })
+    })
+  )
+}
+
+const positiveMilliseconds = Effect.fnUntraced(function*(variable: string, fallback: number) {
+  const value = yield* Config.Int(variable).pipe(Config.withDefault(fallback))
+  if (value > 0) return value
+  return yield* new LockConfigError({ variable, message: `${variable}=${value} must be a positive number of milliseconds` })
+})
+
+/**
+ * Session advisory locks need one server session for the whole life of a pinned connection. Behind
+ * PgBouncer in transaction mode each transaction may run on another server connection, and a lock
+ * would strand on a session nobody controls (authentik#23876). A session-level setting written in one
+ * transaction must still be there in the next ones.
+ */
+export const assertSessionPooling = Effect.fnUntraced(function*(database: Database["Service"], reserveTimeoutMs: number) {
+  const pinned = yield* database.reserve(reserveTimeoutMs).pipe(
+    Effect.catchTag("PoolExhausted", (error) =>
+      Effect.fail(DatabaseError.fromCause("ConversationLocks.assertSessionPooling", error)))
+  )
+  const probe = `probe-${pinned.pid}-${Date.now()}`
+  const check = Effect.tryPromise({
+    try: async () => {
+      await pinned.query((sql) => sql`select set_config('runlane.session_probe', ${probe}, false)`)
+      for (let transaction = 0; transaction < 3; transaction++) {
+        const [row] = await pinned.query((sql) =>
+          sql<Array<{ value: string | null }>>`select current_setting('runlane.session_probe', true) as value`)
+        if (row?.value !== probe) return false
+      }
+      await pinned.query((sql) => sql`select set_config('runlane.session_probe', '', false)`)
+      return true
+    },
+    catch: (cause) => DatabaseError.fromCause("ConversationLocks.assertSessionPooling", cause)
+  })
+  const sameSession = yield* check.pipe(
+    Effect.ensuring(Effect.promise(() => (pinned.closed ? Promise.resolve() : pinned.destroy(database.sql, reserveTimeoutMs).then(() => undefined))).pipe(
+      Effect.when(Effect.sync(() => !pinned.released))
+    ))
+  )
+  if (!sameSession) {
+    return yield* new SessionPoolingRequired({
+      message: "the database connection does not keep one server session across transactions " +
+        "(a transaction pooler such as PgBouncer in transaction mode?); conversation locks need a direct " +
+        "connection or session pooling"
+    })
+  }
+})
+
+interface Slot {
+  counted: boolean
+  state: "inFlight" | "held"
+  acquiredAt: number
+}
+
+interface Hold {
+  /** "unknown": the lock query was sent but its answer never arrived. */
+  locked: "no" | "yes" | "unknown"
+  unlocked: boolean
+  lost: boolean
+}
+
+const make = Effect.fnUntraced(function*(database: Database["Service"], options: ConversationLocksOptions) {
+  const cap = options.cap
+  const namespace = options.namespace ?? defaultLockNamespace
+  const reserveTimeoutMs = options.reserveTimeoutMs ?? defaults.reserveTimeoutMs
+  const keepaliveMs = options.keepaliveMs ?? defaults.keepaliveMs
+  const threshold = nearCapThreshold(cap)
+  // pg_locks shows the first int4 as an oid, i.e. unsigned.
+  const namespaceOid = String(namespace >>> 0)
+
+  let count = 0
+  let inFlight = 0
+  let warnedNearCap = false
+  const heldSlots = new Set<Slot>()
+  const pinnedByHold = new Set<PinnedConnection>()
+  const counters = { acquired: 0, busy: 0, capReached: 0, lost: 0 }
+
+  const takeSlot = Effect.suspend(() => {
+    if (count >= cap) {
+      counters.capReached++
+      return Effect.fail(new LockCapReached({ count, cap }))
+    }
+    count++
+    inFlight++
+    const slot: Slot = { counted: true, state: "inFlight", acquiredAt: 0 }
+    const warn = !warnedNearCap && count >= threshold
+    if (warn) warnedNearCap = true
+    return (warn
+      ? Effect.logWarning("Conversation locks near cap").pipe(
+        Effect.annotateLogs({ module: "runlane/ConversationLocks", count, cap, threshold })
+      )
+      : Effect.void).pipe(Effect.as(slot))
+  })
+
+  const countDown = (slot: Slot) =>
+    Effect.sync(() => {
+      if (!slot.counted) return
+      slot.counted = false
+      count--
+      if (slot.state === "inFlight") inFlight--
+      else heldSlots.delete(slot)
+      if (warnedNearCap && count < threshold) warnedNearCap = false
+    })
+
+  const logFinalizerFailure = (what: string, key: ConversationKey) => (cause: unknown) =>
+    Effect.logError(`Conversation lock ${what} failed`, cause).pipe(
+      Effect.annotateLogs({ module: "runlane/ConversationLocks", ...key })
+    )
+
+  const unlock = (pinned: PinnedConnection, hold: Hold, key: ConversationKey, hash: number) =>
+    Effect.promise(async () => {
+      if (hold.lost || pinned.closed) return "session gone"
+      let lastError: unknown = undefined
+      for (let attempt = 0; attempt <= unlockBackoffMs.length; attempt++) {
+        if (attempt > 0) await new Promise((resolve) => setTimeout(resolve, unlockBackoffMs[attempt - 1]))
+        if (pinned.closed) return "session gone"
+        try {
+          const [row] = await withinMs(
+            pinned.query((sql) =>
+              sql<Array<{ unlocked: boolean }>>`select pg_advisory_unlock(${namespace}::int4, ${hash}::int4) as unlocked`),
+            finalizerQueryTimeoutMs
+          )
+          hold.unlocked = row?.unlocked === true
+          return hold.unlocked ? "unlocked" : "not held"
+        } catch (error) {
+          lastError = error
+        }
+      }
+      throw lastError
+    }).pipe(
+      Effect.flatMap((outcome) =>
+        outcome === "not held"
+          ? Effect.logError("Conversation lock was not held at unlock; its session will be ended").pipe(
+            Effect.annotateLogs({ module: "runlane/ConversationLocks", ...key, backendPid: pinned.pid })
+          )
+          : Effect.void),
+      Effect.catchCause(logFinalizerFailure("unlock", { ...key })),
+      Effect.asVoid
+    )
+
+  const returnConnection = (pinned: PinnedConnection, hold: Hold, key: ConversationKey) =>
+    Effect.promise(async () => {
+      pinnedByHold.delete(pinned)
+      if (pinned.closed || hold.locked === "no" || hold.unlocked) {
+        pinned.release()
+        return true
+      }
+      return pinned.destroy(database.sql, finalizerQueryTimeoutMs)
+    }).pipe(
+      Effect.flatMap((done) =>
+        done
+          ? Effect.void
+          : Effect.logError("Pinned connection did not close after its session was terminated").pipe(
+            Effect.annotateLogs({ module: "runlane/ConversationLocks", ...key, backendPid: pinned.pid })
+          )),
+      Effect.catchCause(logFinalizerFailure("connection release", key))
+    )
+
+  const watch = (pinned: PinnedConnection, lost: Deferred.Deferred<LockLost>, hold: Hold, key: ConversationKey) => {
+    const closed = Deferred.makeUnsafe<void>()
+    void pinned.whenClosed().then(() => Deferred.doneUnsafe(closed, Effect.void))
+    const keepalive = Effect.tryPromise(() => pinned.query((sql) => sql`select 1`)).pipe(
+      Effect.timeout(keepaliveMs),
+      Effect.as(true),
+      Effect.catchCause(() => Effect.succeed(false))
+    )
+    const loop: Effect.Effect<string> = Effect.gen(function*() {
+      while (true) {
+        const closedNow = yield* Effect.raceFirst(
+          Deferred.await(closed).pipe(Effect.as(true)),
+          Effect.sleep(keepaliveMs).pipe(Effect.as(false))
+        )
+        if (closedNow || pinned.closed) return "the connection closed"
+        if (!(yield* keepalive)) return pinned.closed ? "the connection closed" : "keepalive failed"
+      }
+    })
+    return loop.pipe(
+      Effect.flatMap((reason) =>
+        Effect.gen(function*() {
+          hold.lost = true
+          counters.lost++
+          const loss = new LockLost({ ...key, backendPid: pinned.pid, reason })
+          yield* Deferred.succeed(lost, loss)
+          yield* Effect.logWarning("Conversation lock lost").pipe(
+            Effect.annotateLogs({ module: "runlane/ConversationLocks", ...key, backendPid: pinned.pid, reason })
+          )
+        }))
+    )
+  }
+
+  const acquire = (key: ConversationKey): Effect.Effect<ConversationLock, AcquireError, Scope.Scope> =>
+    Effect.uninterruptibleMask((restore) =>
+      Effect.gen(function*() {
+        const scopedKey: ConversationKey = {
+          organizationId: key.organizationId,
+          agentId: key.agentId,
+          conversationId: key.conversationId
+        }
+        const hash = conversationLockHash(scopedKey)
+        // Steps 1 and 2, in one synchronous block. The finalizer registered here runs last.
+        const slot = yield* takeSlot
+        yield* Effect.addFinalizer(() => countDown(slot))
+        // Step 3: interruptible; a reservation that arrives after an interrupt is released at once.
+        const pinned = yield* restore(database.reserve(reserveTimeoutMs))
+        const hold: Hold = { locked: "unknown", unlocked: false, lost: false }
+        pinnedByHold.add(pinned)
+        yield* Effect.addFinalizer(() => returnConnection(pinned, hold, scopedKey))
+        // Step 4, bounded like the reserve: a stalled answer leaves the lock "unknown" and the session ended.
+        const locked = yield* restore(Effect.tryPromise({
+          try: () =>
+            withinMs(
+              pinned.query((sql) =>
+                sql<Array<{ locked: boolean }>>`select pg_try_advisory_lock(${namespace}::int4, ${hash}::int4) as locked`),
+              reserveTimeoutMs
+            ),
+          catch: (cause) => DatabaseError.fromCause("ConversationLocks.acquire", cause)
+        }))
+        if (locked[0]?.locked !== true) {
+          hold.locked = "no"
+          counters.busy++
+          return yield* new ConversationBusy(scopedKey)
+        }
+        hold.locked = "yes"
+        yield* Effect.addFinalizer(() => unlock(pinned, hold, scopedKey, hash))
+        slot.state = "held"
+        slot.acquiredAt = Date.now()
+        inFlight--
+        heldSlots.add(slot)
+        counters.acquired++
+        const lost = yield* Deferred.make<LockLost>()
+        // Forked into the caller's scope: interrupted first when the scope closes.
+        yield* Effect.forkScoped(watch(pinned, lost, hold, scopedKey))
+        return {
+          key: scopedKey,
+          advisoryKey: [namespace, hash] as const,
+          backendPid: pinned.pid,
+          acquiredAt: slot.acquiredAt,
+          isLost: Effect.sync(() => hold.lost),
+          awaitLost: Deferred.await(lost)
+        }
+      })
+    )
+
+  const withLock = <A, E, R>(key: ConversationKey, f: (lock: ConversationLock) => Effect.Effect<A, E, R>) =>
+    Effect.scoped(
+      Effect.flatMap(acquire(key), (lock) =>
+        Effect.raceFirst(f(lock), Effect.flatMap(lock.awaitLost, (loss) => Effect.fail(loss))))
+    )
+
+  const localUsage = Effect.sync((): LocalLockUsage => {
+    let oldest: number | null = null
+    for (const slot of heldSlots) if (oldest === null || slot.acquiredAt < oldest) oldest = slot.acquiredAt
+    return {
+      held: heldSlots.size,
+      inFlight,
+      cap,
+      nearCap: count >= threshold,
+      oldestHoldMs: oldest === null ? null : Date.now() - oldest,
+      ...counters
+    }
+  })
+
+  const usage = Effect.gen(function*() {
+    const local = yield* localUsage
+    const pids = [...pinnedByHold].map((pinned) => pinned.pid).filter((pid) => pid !== 0)
+    const [row] = yield* database.use("ConversationLocks.usage", (sql) =>
+      sql<Array<{ ours: number; total: number }>>`
+        select count(*) filter (where l.pid = any(${pids}::int[]) or a.application_name = ${database.applicationName})::int as ours,
+               count(*)::int as total
+          from pg_locks l
+          left join pg_stat_activity a on a.pid = l.pid
+         where l.locktype = 'advisory' and l.classid = ${namespaceOid}::oid and l.objsubid = 2 and l.granted`)
+    return { ...local, heldInDatabaseByThisProcess: row?.ours ?? 0, heldInDatabase: row?.total ?? 0 }
+  })
+
+  return ConversationLocks.of({ acquire, withLock, localUsage, usage })
+})
