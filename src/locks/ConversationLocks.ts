@@ -179,7 +179,7 @@ export const assertSessionPooling = Effect.fnUntraced(function*(database: Databa
       Effect.fail(DatabaseError.fromCause("ConversationLocks.assertSessionPooling", error)))
   )
   const probe = `probe-${pinned.pid}-${Date.now()}`
-  const check = Effect.tryPromise({
+  const sameSession = yield* Effect.tryPromise({
     try: async () => {
       await pinned.query((sql) => sql`select set_config('runlane.session_probe', ${probe}, false)`)
       for (let transaction = 0; transaction < 3; transaction++) {
@@ -191,11 +191,10 @@ export const assertSessionPooling = Effect.fnUntraced(function*(database: Databa
       return true
     },
     catch: (cause) => DatabaseError.fromCause("ConversationLocks.assertSessionPooling", cause)
-  })
-  const sameSession = yield* check.pipe(
-    Effect.ensuring(Effect.promise(() => (pinned.closed ? Promise.resolve() : pinned.destroy(database.sql, reserveTimeoutMs).then(() => undefined))).pipe(
-      Effect.when(Effect.sync(() => !pinned.released))
-    ))
+  }).pipe(
+    // A probe that answered leaves a healthy session; one that failed midway is ended.
+    Effect.tap(() => Effect.sync(() => pinned.release())),
+    Effect.tapError(() => Effect.promise(() => pinned.destroy(database.sql, reserveTimeoutMs)))
   )
   if (!sameSession) {
     return yield* new SessionPoolingRequired({
