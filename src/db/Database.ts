@@ -26,6 +26,9 @@ export class PoolExhausted extends Schema.TaggedError<PoolExhausted>()("PoolExha
   poolMax: Schema.Number
 }) {}
 
+/** Seconds the one-off connection of `terminateBackend` may take to connect. */
+const terminateConnectTimeoutSeconds = 5
+
 /** Seconds `sql.end()` may wait for running queries when the layer closes before connections are cut. */
 const poolEndTimeoutSeconds = 5
 
@@ -51,6 +54,11 @@ export class Database extends Context.Service<Database, {
    * was interrupted, is released at once). The caller must `release` or `destroy` it.
    */
   readonly reserve: (timeoutMs: number) => Effect.Effect<PinnedConnection, PoolExhausted | DatabaseError>
+  /**
+   * `pg_terminate_backend(pid)` on a one-off connection outside the pool, so it works when every
+   * pool connection is pinned. For ending pinned sessions that cannot be trusted back in the pool.
+   */
+  readonly terminateBackend: (pid: number) => Promise<boolean>
 }>()("runlane/Database") {
   /** A pool for an explicit URL (tests, the embedded server, applications with their own configuration). */
   static readonly layerWith = (options: DatabaseOptions) => Layer.effect(Database, make(options, undefined))
@@ -71,6 +79,19 @@ export class Database extends Context.Service<Database, {
       return yield* make({ url, poolMax }, undefined)
     })
   )
+}
+
+/**
+ * For connections nobody waits for any more (the caller timed out or was interrupted): there is no one
+ * to report a failed release to, and postgres.js's release is synchronous bookkeeping that has already
+ * run when it throws.
+ */
+const releaseQuietly = (connection: { release(): void }) => {
+  try {
+    connection.release()
+  } catch {
+    // Nothing to do: see above.
+  }
 }
 
 const make = Effect.fnUntraced(function*(options: DatabaseOptions, client: postgres.Sql | undefined) {
@@ -96,6 +117,20 @@ const make = Effect.fnUntraced(function*(options: DatabaseOptions, client: postg
   const db = drizzle(sql, { schema })
   const use = <A>(operation: string, f: (sql: postgres.Sql) => PromiseLike<A>) =>
     Effect.tryPromise({ try: () => f(sql), catch: (cause) => DatabaseError.fromCause(operation, cause) })
+  const terminateBackend = async (pid: number): Promise<boolean> => {
+    const client = postgres(Redacted.value(options.url), {
+      max: 1,
+      onnotice: () => {},
+      connect_timeout: terminateConnectTimeoutSeconds,
+      connection: { application_name: `${applicationName}:terminate` }
+    })
+    try {
+      const [row] = await client<Array<{ terminated: boolean }>>`select pg_terminate_backend(${pid}) as terminated`
+      return row?.terminated === true
+    } finally {
+      await client.end({ timeout: 1 })
+    }
+  }
   const reserve = (timeoutMs: number) =>
     Effect.callback<PinnedConnection, PoolExhausted | DatabaseError>((resume, signal) => {
       let settled = false
@@ -111,17 +146,17 @@ const make = Effect.fnUntraced(function*(options: DatabaseOptions, client: postg
         (reserved) => {
           if (settled || signal.aborted) {
             // Nobody waits for it any more; it never ran a query, so it goes straight back.
-            reserved.release()
+            releaseQuietly(reserved)
             return
           }
           const pinned = tracker.pin(reserved)
           pinned.identify().then(
             () => {
-              if (!settle(Effect.succeed(pinned))) pinned.release()
+              if (!settle(Effect.succeed(pinned))) releaseQuietly(pinned)
             },
             (cause: unknown) => {
               // The session is in doubt: end it rather than hand it back.
-              void pinned.destroy(sql, timeoutMs)
+              void pinned.destroy(terminateBackend, timeoutMs)
               settle(Effect.fail(DatabaseError.fromCause("Database.reserve", cause)))
             }
           )
@@ -133,5 +168,5 @@ const make = Effect.fnUntraced(function*(options: DatabaseOptions, client: postg
         clearTimeout(timer)
       })
     })
-  return Database.of({ sql, db, poolMax, url: options.url, applicationName, use, reserve })
+  return Database.of({ sql, db, poolMax, url: options.url, applicationName, use, reserve, terminateBackend })
 })

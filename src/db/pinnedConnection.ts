@@ -83,18 +83,18 @@ export class PinnedConnection {
 
   /**
    * Ends the session so that whatever it holds is dropped, without ever returning it to the pool:
-   * `pg_terminate_backend` through the pool, then waits (bounded) for postgres.js to see the close,
-   * after which postgres.js reconnects that slot on demand. Answers whether the close was seen.
+   * `pg_terminate_backend` through `terminate` (a connection outside the pool: when every pool
+   * connection is pinned, a terminate queued on the pool would wait for itself), then waits (bounded)
+   * for postgres.js to see the close, after which postgres.js reconnects that slot on demand.
+   * Answers whether the close was seen.
    */
-  async destroy(pool: postgres.Sql, timeoutMs: number): Promise<boolean> {
+  async destroy(terminate: (pid: number) => Promise<unknown>, timeoutMs: number): Promise<boolean> {
     if (this.isReleased) return this.isClosed
     this.isReleased = true
     try {
       if (this.isClosed) return true
       const closed = this.whenClosed()
-      if (this.pid !== 0) {
-        await withinMs(pool`select pg_terminate_backend(${this.pid})`, timeoutMs).catch(() => undefined)
-      }
+      if (this.pid !== 0) await withinMs(terminate(this.pid), timeoutMs).catch(() => undefined)
       return await withinMs(closed.then(() => true), timeoutMs).catch(() => false)
     } finally {
       this.tracker.forget(this)

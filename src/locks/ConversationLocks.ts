@@ -194,7 +194,7 @@ export const assertSessionPooling = Effect.fnUntraced(function*(database: Databa
   }).pipe(
     // A probe that answered leaves a healthy session; one that failed midway is ended.
     Effect.tap(() => Effect.sync(() => pinned.release())),
-    Effect.tapError(() => Effect.promise(() => pinned.destroy(database.sql, reserveTimeoutMs)))
+    Effect.tapError(() => Effect.promise(() => pinned.destroy(database.terminateBackend, reserveTimeoutMs)))
   )
   if (!sameSession) {
     return yield* new SessionPoolingRequired({
@@ -304,7 +304,7 @@ const make = Effect.fnUntraced(function*(database: Database["Service"], options:
         pinned.release()
         return true
       }
-      return pinned.destroy(database.sql, finalizerQueryTimeoutMs)
+      return pinned.destroy(database.terminateBackend, finalizerQueryTimeoutMs)
     }).pipe(
       Effect.flatMap((done) =>
         done
