@@ -1,16 +1,21 @@
 /**
  * `npm run bench`: prints a table; `npm run bench -- --json` prints a JSON array of
- * `{ name, value, unit, baseline, ratio }` instead.
+ * `{ name, value, unit, baseline, ratio }` instead; `-- --only=runs` or `-- --only=locks` runs one group.
  */
 import { Effect } from "effect"
 import { benchDatabase, printTable } from "./harness.ts"
+import { lockBenchmarks } from "./locks.ts"
 import { runsBenchmarks } from "./runs.ts"
 
 const json = process.argv.includes("--json")
 
 const program = Effect.gen(function*() {
   const { url, server } = yield* benchDatabase
-  const results = yield* runsBenchmarks(url)
+  const only = process.argv.find((arg) => arg.startsWith("--only="))?.slice("--only=".length)
+  const results = [
+    ...(only === undefined || only === "runs" ? yield* runsBenchmarks(url) : []),
+    ...(only === undefined || only === "locks" ? yield* lockBenchmarks(url) : [])
+  ]
   if (json) {
     process.stdout.write(`${JSON.stringify(results.map(({ name, value, unit, baseline, ratio }) => ({ name, value, unit, baseline, ratio })), null, 2)}\n`)
   } else {

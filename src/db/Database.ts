@@ -51,9 +51,15 @@ export class Database extends Context.Service<Database, {
   /**
    * Pins one pool connection to the caller, waiting at most `timeoutMs` (postgres.js alone waits
    * forever and cannot be cancelled: a reservation that arrives after the timeout, or after the caller
-   * was interrupted, is released at once). The caller must `release` or `destroy` it.
+   * was interrupted, is released at once). The caller must `release` or `destroy` it, and await
+   * `ready` before relying on its `pid`.
    */
   readonly reserve: (timeoutMs: number) => Effect.Effect<PinnedConnection, PoolExhausted | DatabaseError>
+  /**
+   * `reserve` as a promise, for hot paths that keep several steps inside one asynchronous boundary.
+   * Rejects with PoolExhausted, DatabaseError, or the signal's reason when aborted first.
+   */
+  readonly pin: (timeoutMs: number, signal?: AbortSignal) => Promise<PinnedConnection>
   /**
    * `pg_terminate_backend(pid)` on a one-off connection outside the pool, so it works when every
    * pool connection is pinned. For ending pinned sessions that cannot be trusted back in the pool.
@@ -131,42 +137,42 @@ const make = Effect.fnUntraced(function*(options: DatabaseOptions, client: postg
       await client.end({ timeout: 1 })
     }
   }
-  const reserve = (timeoutMs: number) =>
-    Effect.callback<PinnedConnection, PoolExhausted | DatabaseError>((resume, signal) => {
+  const pin = (timeoutMs: number, signal?: AbortSignal) =>
+    new Promise<PinnedConnection>((resolve, reject) => {
       let settled = false
-      const settle = (effect: Effect.Effect<PinnedConnection, PoolExhausted | DatabaseError>) => {
-        if (settled) return false
+      const settle = (outcome: () => void) => {
+        if (settled) return
         settled = true
         clearTimeout(timer)
-        resume(effect)
-        return true
+        signal?.removeEventListener("abort", onAbort)
+        outcome()
       }
-      const timer = setTimeout(() => settle(Effect.fail(new PoolExhausted({ timeoutMs, poolMax }))), timeoutMs)
+      const onAbort = () => settle(() => reject(signal?.reason))
+      const timer = setTimeout(() => settle(() => reject(new PoolExhausted({ timeoutMs, poolMax }))), timeoutMs)
+      signal?.addEventListener("abort", onAbort)
       sql.reserve().then(
         (reserved) => {
-          if (settled || signal.aborted) {
+          if (settled) {
             // Nobody waits for it any more; it never ran a query, so it goes straight back.
             releaseQuietly(reserved)
             return
           }
+          // Pinned in this very callback, so the identifying query is written before postgres.js can
+          // process a close of the connection (see pinnedConnection.ts).
           const pinned = tracker.pin(reserved)
-          pinned.identify().then(
-            () => {
-              if (!settle(Effect.succeed(pinned))) releaseQuietly(pinned)
-            },
-            (cause: unknown) => {
-              // The session is in doubt: end it rather than hand it back.
-              void pinned.destroy(terminateBackend, timeoutMs)
-              settle(Effect.fail(DatabaseError.fromCause("Database.reserve", cause)))
-            }
-          )
+          settle(() => resolve(pinned))
         },
-        (cause: unknown) => settle(Effect.fail(DatabaseError.fromCause("Database.reserve", cause)))
+        (cause: unknown) => settle(() => reject(DatabaseError.fromCause("Database.reserve", cause)))
       )
-      return Effect.sync(() => {
-        settled = true
-        clearTimeout(timer)
-      })
     })
-  return Database.of({ sql, db, poolMax, url: options.url, applicationName, use, reserve, terminateBackend })
+  const reserve = (timeoutMs: number) =>
+    Effect.callback<PinnedConnection, PoolExhausted | DatabaseError>((resume, signal) => {
+      pin(timeoutMs, signal).then(
+        (pinned) => (signal.aborted ? pinned.release() : resume(Effect.succeed(pinned))),
+        (error: unknown) => {
+          if (!signal.aborted) resume(Effect.fail(error as PoolExhausted | DatabaseError))
+        }
+      )
+    })
+  return Database.of({ sql, db, poolMax, url: options.url, applicationName, use, reserve, pin, terminateBackend })
 })

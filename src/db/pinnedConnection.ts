@@ -29,18 +29,28 @@ export class PinnedConnectionClosed extends Error {
 }
 
 export class PinnedConnection {
-  /** postgres.js connection id, known once the identifying query has run. */
+  /** postgres.js connection id, known as soon as the identifying query is handed to the connection. */
   connectionId: number | undefined = undefined
   /** Server backend pid of the session. */
   pid = 0
   private isClosed = false
   private isReleased = false
   private readonly closeWaiters: Array<() => void> = []
+  /**
+   * Settles when the identifying query has answered (`pid` is then known). It is sent the moment the
+   * connection is pinned, before anything else can run, and later queries pipeline behind it on the
+   * same connection, so identification costs no round trip of its own.
+   */
+  readonly ready: Promise<void>
 
   constructor(
     private readonly reserved: postgres.ReservedSql,
     private readonly tracker: ConnectionTracker
-  ) {}
+  ) {
+    this.ready = this.identify()
+    // Observed by whoever awaits `ready`; a pinned connection abandoned early must not surface it.
+    this.ready.catch(() => undefined)
+  }
 
   /** true once postgres.js has seen the connection close; the session and its locks are gone. */
   get closed(): boolean {
@@ -94,7 +104,9 @@ export class PinnedConnection {
     try {
       if (this.isClosed) return true
       const closed = this.whenClosed()
-      if (this.pid !== 0) await withinMs(terminate(this.pid), timeoutMs).catch(() => undefined)
+      // The pid may still be on its way (identification pipelines with the caller's first query).
+      await withinMs(this.ready, timeoutMs).catch(() => undefined)
+      if (this.pid !== 0 && !this.isClosed) await withinMs(terminate(this.pid), timeoutMs).catch(() => undefined)
       return await withinMs(closed.then(() => true), timeoutMs).catch(() => false)
     } finally {
       this.tracker.forget(this)
@@ -102,10 +114,18 @@ export class PinnedConnection {
   }
 
   /** The identifying query: learns the backend pid and, through the debug hook, the connection id. */
-  identify(): Promise<void> {
+  private identify(): Promise<void> {
     const token = `${tokenPrefix}${randomUUID()}`
     this.tracker.expect(token, this)
-    return this.query((sql) => sql<Array<{ pid: number }>>`select pg_backend_pid() as pid, ${token}::text as token`)
+    return this.query((sql) => {
+      const query = sql<Array<{ pid: number }>>`select pg_backend_pid() as pid, ${token}::text as token`
+      // postgres.js copies the pool's `debug` option onto each reserved handle, and with it set every
+      // query captures a stack trace (~50 µs). Only the pool's connection-level hook is needed here,
+      // so turn the per-query capture off for this handle (query.handler is the handle's dispatcher).
+      const handler = (query as unknown as { handler?: { debug?: unknown } }).handler
+      if (handler !== undefined) handler.debug = false
+      return query
+    })
       .then(([row]) => {
         this.pid = row!.pid
       })
@@ -154,6 +174,10 @@ export class ConnectionTracker {
     }
   }
 
+  /**
+   * Must be called in the same tick the reservation resolved: the identifying query is then written
+   * before postgres.js can process a close of that connection.
+   */
   pin(reserved: postgres.ReservedSql): PinnedConnection {
     return new PinnedConnection(reserved, this)
   }
