@@ -6,6 +6,8 @@
 export * as Database from "./db/Database.ts"
 export * as DatabaseError from "./db/DatabaseError.ts"
 export * as EmbeddedPostgres from "./db/EmbeddedPostgres.ts"
+export * as ConversationLocks from "./locks/ConversationLocks.ts"
+export * as LockKey from "./locks/lockKey.ts"
 export * as Migrator from "./db/Migrator.ts"
 export * as RunOwnership from "./ownership/RunOwnership.ts"
 export * as RunInput from "./runs/runInput.ts"
