@@ -10,7 +10,7 @@ import { Config, Context, Effect, Layer, Redacted, Schema } from "effect"
 import postgres from "postgres"
 import * as schema from "../schema/index.ts"
 import { DatabaseError } from "./DatabaseError.ts"
-import { ConnectionTracker, type PinnedConnection } from "./pinnedConnection.ts"
+import { ConnectionTracker, type FirstQuery, type PinnedConnection } from "./pinnedConnection.ts"
 
 export type RunlaneDrizzle = PostgresJsDatabase<typeof schema>
 
@@ -57,9 +57,10 @@ export class Database extends Context.Service<Database, {
   readonly reserve: (timeoutMs: number) => Effect.Effect<PinnedConnection, PoolExhausted | DatabaseError>
   /**
    * `reserve` as a promise, for hot paths that keep several steps inside one asynchronous boundary.
-   * Rejects with PoolExhausted, DatabaseError, or the signal's reason when aborted first.
+   * Rejects with PoolExhausted, DatabaseError, or the signal's reason when aborted first. `first`, when
+   * given, is sent as the identifying query (see FirstQuery), saving a statement.
    */
-  readonly pin: (timeoutMs: number, signal?: AbortSignal) => Promise<PinnedConnection>
+  readonly pin: (timeoutMs: number, signal?: AbortSignal, first?: FirstQuery) => Promise<PinnedConnection>
   /**
    * `pg_terminate_backend(pid)` on a one-off connection outside the pool, so it works when every
    * pool connection is pinned. For ending pinned sessions that cannot be trusted back in the pool.
@@ -137,7 +138,7 @@ const make = Effect.fnUntraced(function*(options: DatabaseOptions, client: postg
       await client.end({ timeout: 1 })
     }
   }
-  const pin = (timeoutMs: number, signal?: AbortSignal) =>
+  const pin = (timeoutMs: number, signal?: AbortSignal, first?: FirstQuery) =>
     new Promise<PinnedConnection>((resolve, reject) => {
       let settled = false
       const settle = (outcome: () => void) => {
@@ -159,7 +160,7 @@ const make = Effect.fnUntraced(function*(options: DatabaseOptions, client: postg
           }
           // Pinned in this very callback, so the identifying query is written before postgres.js can
           // process a close of the connection (see pinnedConnection.ts).
-          const pinned = tracker.pin(reserved)
+          const pinned = tracker.pin(reserved, first)
           settle(() => resolve(pinned))
         },
         (cause: unknown) => settle(() => reject(DatabaseError.fromCause("Database.reserve", cause)))

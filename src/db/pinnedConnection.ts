@@ -28,6 +28,18 @@ export class PinnedConnectionClosed extends Error {
   }
 }
 
+/** A row of the identifying query: the backend pid, plus whatever the caller's first query selects. */
+export type IdentifiedRow = { readonly pid: number } & Readonly<Record<string, unknown>>
+
+/**
+ * The first query on a pinned connection. It must bind `token` as its FIRST parameter (the pool's
+ * debug hook recognizes the connection by it) and select `pg_backend_pid() as pid`.
+ */
+export type FirstQuery = (sql: postgres.ReservedSql, token: string) => postgres.PendingQuery<Array<IdentifiedRow>>
+
+const identifyOnly: FirstQuery = (sql, token) =>
+  sql<Array<IdentifiedRow>>`select ${token}::text as token, pg_backend_pid() as pid`
+
 export class PinnedConnection {
   /** postgres.js connection id, known as soon as the identifying query is handed to the connection. */
   connectionId: number | undefined = undefined
@@ -37,18 +49,23 @@ export class PinnedConnection {
   private isReleased = false
   private readonly closeWaiters: Array<() => void> = []
   /**
-   * Settles when the identifying query has answered (`pid` is then known). It is sent the moment the
-   * connection is pinned, before anything else can run, and later queries pipeline behind it on the
-   * same connection, so identification costs no round trip of its own.
+   * The rows of the identifying query, which is sent the moment the connection is pinned, before
+   * anything else can run (`pid` is known once it answers). It is the caller's own first query when one
+   * was given (no extra statement), otherwise a bare `select pg_backend_pid()`.
    */
+  readonly firstRows: Promise<ReadonlyArray<IdentifiedRow>>
+  /** Settles when the identifying query has answered. */
   readonly ready: Promise<void>
 
   constructor(
     private readonly reserved: postgres.ReservedSql,
-    private readonly tracker: ConnectionTracker
+    private readonly tracker: ConnectionTracker,
+    first: FirstQuery = identifyOnly
   ) {
-    this.ready = this.identify()
-    // Observed by whoever awaits `ready`; a pinned connection abandoned early must not surface it.
+    this.firstRows = this.identify(first)
+    this.ready = this.firstRows.then(() => undefined)
+    // Observed by whoever awaits them; a pinned connection abandoned early must not surface them.
+    this.firstRows.catch(() => undefined)
     this.ready.catch(() => undefined)
   }
 
@@ -83,6 +100,12 @@ export class PinnedConnection {
     return Promise.resolve(f(this.reserved))
   }
 
+  /** `query` for destroy, which runs after the connection is already marked released. */
+  private reservedQuery<A>(f: (sql: postgres.ReservedSql) => PromiseLike<A>): Promise<A> {
+    if (this.isClosed) return Promise.reject(new PinnedConnectionClosed(this.pid))
+    return Promise.resolve(f(this.reserved))
+  }
+
   /** Returns a healthy connection to the pool. At most once; a closed connection is already back. */
   release(): void {
     if (this.isReleased) return
@@ -104,8 +127,14 @@ export class PinnedConnection {
     try {
       if (this.isClosed) return true
       const closed = this.whenClosed()
-      // The pid may still be on its way (identification pipelines with the caller's first query).
+      // The pid may still be on its way, or the identifying query failed without closing the session.
       await withinMs(this.ready, timeoutMs).catch(() => undefined)
+      if (this.pid === 0 && !this.isClosed) {
+        await withinMs(this.reservedQuery((sql) => sql<Array<{ pid: number }>>`select pg_backend_pid() as pid`), timeoutMs)
+          .then(([row]) => {
+            this.pid = row?.pid ?? 0
+          }, () => undefined)
+      }
       if (this.pid !== 0 && !this.isClosed) await withinMs(terminate(this.pid), timeoutMs).catch(() => undefined)
       return await withinMs(closed.then(() => true), timeoutMs).catch(() => false)
     } finally {
@@ -114,11 +143,11 @@ export class PinnedConnection {
   }
 
   /** The identifying query: learns the backend pid and, through the debug hook, the connection id. */
-  private identify(): Promise<void> {
+  private identify(first: FirstQuery): Promise<ReadonlyArray<IdentifiedRow>> {
     const token = `${tokenPrefix}${randomUUID()}`
     this.tracker.expect(token, this)
     return this.query((sql) => {
-      const query = sql<Array<{ pid: number }>>`select pg_backend_pid() as pid, ${token}::text as token`
+      const query = first(sql, token)
       // postgres.js copies the pool's `debug` option onto each reserved handle, and with it set every
       // query captures a stack trace (~50 µs). Only the pool's connection-level hook is needed here,
       // so turn the per-query capture off for this handle (query.handler is the handle's dispatcher).
@@ -126,8 +155,9 @@ export class PinnedConnection {
       if (handler !== undefined) handler.debug = false
       return query
     })
-      .then(([row]) => {
-        this.pid = row!.pid
+      .then((rows) => {
+        this.pid = rows[0]!.pid
+        return rows
       })
       .finally(() => this.tracker.unexpect(token))
   }
@@ -178,8 +208,8 @@ export class ConnectionTracker {
    * Must be called in the same tick the reservation resolved: the identifying query is then written
    * before postgres.js can process a close of that connection.
    */
-  pin(reserved: postgres.ReservedSql): PinnedConnection {
-    return new PinnedConnection(reserved, this)
+  pin(reserved: postgres.ReservedSql, first?: FirstQuery): PinnedConnection {
+    return new PinnedConnection(reserved, this, first)
   }
 
   expect(token: string, pinned: PinnedConnection): void {

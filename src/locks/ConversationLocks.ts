@@ -19,7 +19,7 @@ import { randomUUID } from "node:crypto"
 import { Config, Context, Deferred, Effect, Layer, Option, Schema, type Scope } from "effect"
 import { Database, type PoolExhausted } from "../db/Database.ts"
 import { DatabaseError } from "../db/DatabaseError.ts"
-import { type PinnedConnection, withinMs } from "../db/pinnedConnection.ts"
+import { type FirstQuery, type IdentifiedRow, type PinnedConnection, withinMs } from "../db/pinnedConnection.ts"
 import { capVariable, nearCapThreshold, resolveLockCap } from "./lockCap.ts"
 import { type ConversationKey, conversationLockHash, defaultLockNamespace, isLockNamespace } from "./lockKey.ts"
 
@@ -283,15 +283,14 @@ const make = Effect.fnUntraced(function*(database: Database["Service"], options:
       if (warnedNearCap && count < threshold) warnedNearCap = false
     })
 
-  const lockOn = (pinned: PinnedConnection, hash: number): Promise<boolean> =>
-    withinMs(
-      Promise.all([
-        pinned.query((sql) =>
-          sql<Array<{ locked: boolean }>>`select pg_try_advisory_lock(${namespace}::int4, ${hash}::int4) as locked`),
-        pinned.ready
-      ]).then(([rows]) => rows[0]?.locked === true),
-      reserveTimeoutMs
-    )
+  /** Step 4 as the pinned connection's first (identifying) query, so the lock costs one statement. */
+  const tryLock = (hash: number): FirstQuery => (sql, token) =>
+    sql<Array<IdentifiedRow>>`
+      select ${token}::text as token, pg_backend_pid() as pid,
+             pg_try_advisory_lock(${namespace}::int4, ${hash}::int4) as locked`
+
+  const lockAnswer = (pinned: PinnedConnection): Promise<boolean> =>
+    withinMs(pinned.firstRows.then((rows) => rows[0]?.["locked"] === true), reserveTimeoutMs)
 
   const unlockWithRetries = async (session: LockSession): Promise<UnlockOutcome> => {
     let lastError: unknown = undefined
@@ -361,16 +360,22 @@ const make = Effect.fnUntraced(function*(database: Database["Service"], options:
     Effect.callback<LockSession, PoolExhausted | DatabaseError>((resume, signal) => {
       let finish!: () => void
       const finished = new Promise<void>((resolve) => (finish = resolve))
+      // Interrupted after pinning: learn whether the lock was taken (bounded), then end accordingly.
       const abandon = (session: LockSession) =>
-        endSession(session).then((end) => {
-          runLog(reportEnd(end, key, session.pinned.pid))
-          finish()
-        })
-      database.pin(reserveTimeoutMs, signal).then(
+        lockAnswer(session.pinned)
+          .then((locked) => {
+            session.locked = locked ? "yes" : "no"
+          }, () => undefined)
+          .then(() => endSession(session))
+          .then((end) => {
+            runLog(reportEnd(end, key, session.pinned.pid))
+            finish()
+          })
+      database.pin(reserveTimeoutMs, signal, tryLock(hash)).then(
         (pinned) => {
           const session: LockSession = { pinned, hash, locked: "unknown", lost: false, ending: undefined }
           if (signal.aborted) return void abandon(session)
-          lockOn(pinned, hash).then(
+          lockAnswer(pinned).then(
             (locked) => {
               session.locked = locked ? "yes" : "no"
               if (signal.aborted) return void abandon(session)
