@@ -273,15 +273,14 @@ const make = Effect.fnUntraced(function*(database: Database["Service"], options:
       : Effect.void).pipe(Effect.as(slot))
   })
 
-  const countDown = (slot: Slot) =>
-    Effect.sync(() => {
-      if (!slot.counted) return
-      slot.counted = false
-      count--
-      if (slot.state === "inFlight") inFlight--
-      else heldSlots.delete(slot)
-      if (warnedNearCap && count < threshold) warnedNearCap = false
-    })
+  const countDownSync = (slot: Slot) => {
+    if (!slot.counted) return
+    slot.counted = false
+    count--
+    if (slot.state === "inFlight") inFlight--
+    else heldSlots.delete(slot)
+    if (warnedNearCap && count < threshold) warnedNearCap = false
+  }
 
   /** Step 4 as the pinned connection's first (identifying) query, so the lock costs one statement. */
   const tryLock = (hash: number): FirstQuery => (sql, token) =>
@@ -438,55 +437,81 @@ const make = Effect.fnUntraced(function*(database: Database["Service"], options:
     }
   }
 
+  /** What one acquire has taken so far; its single finalizer gives back exactly that. */
+  interface Acquisition {
+    readonly slot: Slot
+    readonly key: ConversationKey
+    session: LockSession | undefined
+    stopWatching: (() => void) | undefined
+  }
+
+  /**
+   * Step 5, then the count: stop the watchdog, end the session (unlock, then return or destroy the
+   * connection), and count down last, in a `finally` so nothing before it can skip it.
+   */
+  const release = (acquisition: Acquisition) =>
+    Effect.promise(async () => {
+      try {
+        acquisition.stopWatching?.()
+        return acquisition.session === undefined ? undefined : await endSession(acquisition.session)
+      } finally {
+        countDownSync(acquisition.slot)
+      }
+    }).pipe(
+      Effect.flatMap((end) =>
+        end === undefined || acquisition.session === undefined
+          ? Effect.void
+          : reportEnd(end, acquisition.key, acquisition.session.pinned.pid))
+    )
+
+  const hold = (acquisition: Acquisition, session: LockSession): ConversationLock => {
+    const { key, slot } = acquisition
+    const backendPid = session.pinned.pid
+    const lost = Deferred.makeUnsafe<LockLost>()
+    pinnedInUse.add(session.pinned)
+    acquisition.stopWatching = watch(session, (reason) => {
+      session.lost = true
+      counters.lost++
+      Deferred.doneUnsafe(lost, Effect.succeed(new LockLost({ ...key, backendPid, reason })))
+      runLog(Effect.logWarning("Conversation lock lost").pipe(
+        Effect.annotateLogs({ module: "runlane/ConversationLocks", ...key, backendPid, reason })
+      ))
+    })
+    slot.state = "held"
+    slot.acquiredAt = Date.now()
+    inFlight--
+    heldSlots.add(slot)
+    counters.acquired++
+    return {
+      key,
+      advisoryKey: [namespace, session.hash] as const,
+      backendPid,
+      acquiredAt: slot.acquiredAt,
+      isLost: Effect.sync(() => session.lost),
+      awaitLost: Deferred.await(lost)
+    }
+  }
+
+  // Few Effect steps on purpose: each one is measurable at lock-cycle rates (see the note on `make`).
   const acquire = (key: ConversationKey): Effect.Effect<ConversationLock, AcquireError, Scope.Scope> =>
     Effect.uninterruptibleMask((restore) =>
-      Effect.gen(function*() {
+      Effect.flatMap(takeSlot, (slot) => {
         const scopedKey: ConversationKey = {
           organizationId: key.organizationId,
           agentId: key.agentId,
           conversationId: key.conversationId
         }
-        const hash = conversationLockHash(scopedKey)
-        // Steps 1 and 2, in one synchronous block. The finalizer registered here runs last.
-        const slot = yield* takeSlot
-        yield* Effect.addFinalizer(() => countDown(slot))
-        // Steps 3 and 4, interruptible.
-        const session = yield* restore(pinAndLock(hash, scopedKey))
-        if (session.locked !== "yes") {
-          counters.busy++
-          return yield* new ConversationBusy(scopedKey)
-        }
-        const backendPid = session.pinned.pid
-        const lost = Deferred.makeUnsafe<LockLost>()
-        pinnedInUse.add(session.pinned)
-        const stopWatching = watch(session, (reason) => {
-          session.lost = true
-          counters.lost++
-          Deferred.doneUnsafe(lost, Effect.succeed(new LockLost({ ...scopedKey, backendPid, reason })))
-          runLog(Effect.logWarning("Conversation lock lost").pipe(
-            Effect.annotateLogs({ module: "runlane/ConversationLocks", ...scopedKey, backendPid, reason })
-          ))
-        })
-        // Step 5 (the count comes down in the finalizer registered first, after this one).
-        yield* Effect.addFinalizer(() =>
-          Effect.promise(() => {
-            stopWatching()
-            return endSession(session)
-          }).pipe(Effect.flatMap((end) => reportEnd(end, scopedKey, backendPid)))
+        const acquisition: Acquisition = { slot, key: scopedKey, session: undefined, stopWatching: undefined }
+        return Effect.addFinalizer(() => release(acquisition)).pipe(
+          // Steps 3 and 4, interruptible.
+          Effect.andThen(restore(pinAndLock(conversationLockHash(scopedKey), scopedKey))),
+          Effect.flatMap((session) => {
+            acquisition.session = session
+            if (session.locked === "yes") return Effect.succeed(hold(acquisition, session))
+            counters.busy++
+            return Effect.fail(new ConversationBusy(scopedKey))
+          })
         )
-        slot.state = "held"
-        slot.acquiredAt = Date.now()
-        inFlight--
-        heldSlots.add(slot)
-        counters.acquired++
-        return {
-          key: scopedKey,
-          advisoryKey: [namespace, hash] as const,
-          backendPid,
-          acquiredAt: slot.acquiredAt,
-          isLost: Effect.sync(() => session.lost),
-          awaitLost: Deferred.await(lost)
-        }
       })
     )
 
