@@ -20,6 +20,15 @@ export interface DatabaseOptions {
   readonly poolMax?: number
 }
 
+export interface PendingPin {
+  readonly promise: Promise<PinnedConnection>
+  /**
+   * Stops waiting: the promise then never settles, and a late connection goes straight back. Answers
+   * false when the promise had already settled (its handlers will still run).
+   */
+  readonly abandon: () => boolean
+}
+
 /** No pool connection became free for a pinned holder within the reserve timeout. */
 export class PoolExhausted extends Schema.TaggedError<PoolExhausted>()("PoolExhausted", {
   timeoutMs: Schema.Number,
@@ -57,10 +66,11 @@ export class Database extends Context.Service<Database, {
   readonly reserve: (timeoutMs: number) => Effect.Effect<PinnedConnection, PoolExhausted | DatabaseError>
   /**
    * `reserve` as a promise, for hot paths that keep several steps inside one asynchronous boundary.
-   * Rejects with PoolExhausted, DatabaseError, or the signal's reason when aborted first. `first`, when
-   * given, is sent as the identifying query (see FirstQuery), saving a statement.
+   * Rejects with PoolExhausted or DatabaseError. `abandon()` gives up waiting: a connection that arrives
+   * later is released at once. `first`, when given, is sent as the identifying query (see FirstQuery),
+   * saving a statement.
    */
-  readonly pin: (timeoutMs: number, signal?: AbortSignal, first?: FirstQuery) => Promise<PinnedConnection>
+  readonly pin: (timeoutMs: number, first?: FirstQuery) => PendingPin
   /**
    * `pg_terminate_backend(pid)` on a one-off connection outside the pool, so it works when every
    * pool connection is pinned. For ending pinned sessions that cannot be trusted back in the pool.
@@ -138,19 +148,17 @@ const make = Effect.fnUntraced(function*(options: DatabaseOptions, client: postg
       await client.end({ timeout: 1 })
     }
   }
-  const pin = (timeoutMs: number, signal?: AbortSignal, first?: FirstQuery) =>
-    new Promise<PinnedConnection>((resolve, reject) => {
-      let settled = false
-      const settle = (outcome: () => void) => {
+  const pin = (timeoutMs: number, first?: FirstQuery): PendingPin => {
+    let settled = false
+    let settle!: (outcome: () => void) => void
+    const promise = new Promise<PinnedConnection>((resolve, reject) => {
+      settle = (outcome) => {
         if (settled) return
         settled = true
         clearTimeout(timer)
-        signal?.removeEventListener("abort", onAbort)
         outcome()
       }
-      const onAbort = () => settle(() => reject(signal?.reason))
       const timer = setTimeout(() => settle(() => reject(new PoolExhausted({ timeoutMs, poolMax }))), timeoutMs)
-      signal?.addEventListener("abort", onAbort)
       sql.reserve().then(
         (reserved) => {
           if (settled) {
@@ -166,14 +174,29 @@ const make = Effect.fnUntraced(function*(options: DatabaseOptions, client: postg
         (cause: unknown) => settle(() => reject(DatabaseError.fromCause("Database.reserve", cause)))
       )
     })
+    return {
+      promise,
+      abandon: () => {
+        if (settled) return false
+        settle(() => undefined)
+        return true
+      }
+    }
+  }
   const reserve = (timeoutMs: number) =>
-    Effect.callback<PinnedConnection, PoolExhausted | DatabaseError>((resume, signal) => {
-      pin(timeoutMs, signal).then(
-        (pinned) => (signal.aborted ? pinned.release() : resume(Effect.succeed(pinned))),
+    Effect.callback<PinnedConnection, PoolExhausted | DatabaseError>((resume) => {
+      let abandoned = false
+      const pending = pin(timeoutMs)
+      pending.promise.then(
+        (pinned) => (abandoned ? pinned.release() : resume(Effect.succeed(pinned))),
         (error: unknown) => {
-          if (!signal.aborted) resume(Effect.fail(error as PoolExhausted | DatabaseError))
+          if (!abandoned) resume(Effect.fail(error as PoolExhausted | DatabaseError))
         }
       )
+      return Effect.sync(() => {
+        abandoned = true
+        pending.abandon()
+      })
     })
   return Database.of({ sql, db, poolMax, url: options.url, applicationName, use, reserve, pin, terminateBackend })
 })

@@ -266,11 +266,12 @@ const make = Effect.fnUntraced(function*(database: Database["Service"], options:
     const slot: Slot = { counted: true, state: "inFlight", acquiredAt: 0 }
     const warn = !warnedNearCap && count >= threshold
     if (warn) warnedNearCap = true
-    return (warn
+    return warn
       ? Effect.logWarning("Conversation locks near cap").pipe(
-        Effect.annotateLogs({ module: "runlane/ConversationLocks", count, cap, threshold })
+        Effect.annotateLogs({ module: "runlane/ConversationLocks", count, cap, threshold }),
+        Effect.as(slot)
       )
-      : Effect.void).pipe(Effect.as(slot))
+      : Effect.succeed(slot)
   })
 
   const countDownSync = (slot: Slot) => {
@@ -356,7 +357,10 @@ const make = Effect.fnUntraced(function*(database: Database["Service"], options:
    * once that is done, so the count (a later finalizer) still comes down last.
    */
   const pinAndLock = (hash: number, key: ConversationKey) =>
-    Effect.callback<LockSession, PoolExhausted | DatabaseError>((resume, signal) => {
+    // One-argument register: Effect then creates no AbortController, measurable at lock-cycle rates.
+    Effect.callback<LockSession, PoolExhausted | DatabaseError>((resume) => {
+      let interrupted = false
+      let pinned = false
       let finish!: () => void
       const finished = new Promise<void>((resolve) => (finish = resolve))
       // Interrupted after pinning: learn whether the lock was taken (bounded), then end accordingly.
@@ -370,21 +374,23 @@ const make = Effect.fnUntraced(function*(database: Database["Service"], options:
             runLog(reportEnd(end, key, session.pinned.pid))
             finish()
           })
-      database.pin(reserveTimeoutMs, signal, tryLock(hash)).then(
-        (pinned) => {
-          const session: LockSession = { pinned, hash, locked: "unknown", lost: false, ending: undefined }
-          if (signal.aborted) return void abandon(session)
-          lockAnswer(pinned).then(
+      const pending = database.pin(reserveTimeoutMs, tryLock(hash))
+      pending.promise.then(
+        (connection) => {
+          pinned = true
+          const session: LockSession = { pinned: connection, hash, locked: "unknown", lost: false, ending: undefined }
+          if (interrupted) return void abandon(session)
+          lockAnswer(connection).then(
             (locked) => {
               session.locked = locked ? "yes" : "no"
-              if (signal.aborted) return void abandon(session)
+              if (interrupted) return void abandon(session)
               if (locked) {
                 finish()
                 return resume(Effect.succeed(session))
               }
               // Busy: the session holds nothing, so the connection goes back before the caller hears.
               void endSession(session).then((end) => {
-                runLog(reportEnd(end, key, pinned.pid))
+                runLog(reportEnd(end, key, connection.pid))
                 finish()
                 resume(Effect.succeed(session))
               })
@@ -392,19 +398,27 @@ const make = Effect.fnUntraced(function*(database: Database["Service"], options:
             (cause: unknown) => {
               // The lock may or may not have been taken: end the session, then report.
               void endSession(session).then((end) => {
-                runLog(reportEnd(end, key, pinned.pid))
+                runLog(reportEnd(end, key, connection.pid))
                 finish()
-                if (!signal.aborted) resume(Effect.fail(DatabaseError.fromCause("ConversationLocks.acquire", cause)))
+                if (!interrupted) resume(Effect.fail(DatabaseError.fromCause("ConversationLocks.acquire", cause)))
               })
             }
           )
         },
         (error: unknown) => {
           finish()
-          if (!signal.aborted) resume(Effect.fail(error as PoolExhausted | DatabaseError))
+          if (!interrupted) resume(Effect.fail(error as PoolExhausted | DatabaseError))
         }
       )
-      return Effect.promise(() => finished)
+      // On interruption: a pending reservation is abandoned (released on arrival); a pinned session is
+      // ended first, so the interruption completes only when its connection is settled.
+      return Effect.suspend(() => {
+        interrupted = true
+        // abandon() is false when the reservation has settled but its handler has not run yet; that
+        // handler will see `interrupted` and finish.
+        if (!pinned && pending.abandon()) finish()
+        return Effect.promise(() => finished)
+      })
     })
 
   /** While held: the close of the connection is seen at once, a silent death within one keepalive. */
