@@ -334,6 +334,10 @@ const make = Effect.fnUntraced(function*(database: Database["Service"], options:
       return { unlock, connection: closed ? "destroyed" : "destroy unconfirmed" }
     })()
 
+  const hasProblems = (end: SessionEnd): boolean =>
+    end.unlock === "not held" || typeof end.unlock === "object" ||
+    end.connection === "destroy unconfirmed" || typeof end.connection === "object"
+
   const reportEnd = (end: SessionEnd, key: ConversationKey, backendPid: number) => {
     const problems: Array<string> = []
     if (end.unlock === "not held") problems.push("the lock was not held at unlock; the session was ended")
@@ -467,16 +471,13 @@ const make = Effect.fnUntraced(function*(database: Database["Service"], options:
     Effect.promise(async () => {
       try {
         acquisition.stopWatching?.()
-        return acquisition.session === undefined ? undefined : await endSession(acquisition.session)
+        if (acquisition.session === undefined) return
+        const end = await endSession(acquisition.session)
+        if (hasProblems(end)) runLog(reportEnd(end, acquisition.key, acquisition.session.pinned.pid))
       } finally {
         countDownSync(acquisition.slot)
       }
-    }).pipe(
-      Effect.flatMap((end) =>
-        end === undefined || acquisition.session === undefined
-          ? Effect.void
-          : reportEnd(end, acquisition.key, acquisition.session.pinned.pid))
-    )
+    })
 
   const hold = (acquisition: Acquisition, session: LockSession): ConversationLock => {
     const { key, slot } = acquisition
