@@ -11,9 +11,6 @@ import { bigint, check, index, integer, jsonb, pgTable, text, timestamp, uniqueI
 export const runStatuses = ["pending", "claimed", "completed", "failed", "cancelled"] as const
 export type RunStatus = (typeof runStatuses)[number]
 
-/** Statuses in which a run still holds its idempotency key. */
-export const activeRunStatuses = ["pending", "claimed"] as const satisfies ReadonlyArray<RunStatus>
-
 export type JsonValue = string | number | boolean | null | ReadonlyArray<JsonValue> | { readonly [key: string]: JsonValue }
 export type JsonObject = { readonly [key: string]: JsonValue }
 
