@@ -3,12 +3,15 @@
  * otherwise the embedded server whose data lives in `.runlane/pgdata` (git-ignored), so a restart
  * finds the same data again.
  */
+import { readFileSync } from "node:fs"
 import { fileURLToPath } from "node:url"
-import { Config, Effect, Layer, Option, Redacted } from "effect"
+import { Config, Context, Effect, Layer, Option, Redacted } from "effect"
 import { Database, poolMaxConfig } from "./Database.ts"
-import { startEmbeddedPostgres } from "./EmbeddedPostgres.ts"
+import { EmbeddedPostgresError, startEmbeddedPostgres } from "./EmbeddedPostgres.ts"
 
-export const embeddedDataDir = fileURLToPath(new URL("../../.runlane/pgdata", import.meta.url))
+/** Everything `npm start` keeps on disk: the embedded cluster and, when generated, the token secret. */
+export const serviceStateDir = fileURLToPath(new URL("../../.runlane", import.meta.url))
+export const embeddedDataDir = `${serviceStateDir}/pgdata`
 
 /** The URL without its password, for logs. */
 export const describeUrl = (url: Redacted.Redacted<string>): string => {
@@ -17,19 +20,60 @@ export const describeUrl = (url: Redacted.Redacted<string>): string => {
   return parsed.toString()
 }
 
-/** `Database` for the service, plus a one-line description of where it points. */
+/** Where the service's database came from. */
+export class ServiceDatabaseSource extends Context.Service<ServiceDatabaseSource, {
+  /** true: the embedded server in `embeddedDataDir`; false: `DATABASE_URL`. */
+  readonly embedded: boolean
+}>()("runlane/ServiceDatabaseSource") {}
+
+/**
+ * The pid of a live postmaster that owns the data folder, if any. PostgreSQL refuses a second server
+ * on the same folder anyway; checking first lets the service say so plainly.
+ */
+const liveOwnerOf = (dataDir: string): number | undefined => {
+  let pid: number
+  try {
+    pid = Number(readFileSync(`${dataDir}/postmaster.pid`, "utf8").split("\n")[0])
+  } catch {
+    return undefined
+  }
+  if (!Number.isSafeInteger(pid) || pid <= 0) return undefined
+  try {
+    process.kill(pid, 0)
+    return pid
+  } catch (error) {
+    // EPERM: the process exists but belongs to another user (the server runs as `postgres` under root).
+    return (error as NodeJS.ErrnoException).code === "EPERM" ? pid : undefined
+  }
+}
+
+/** `Database` for the service, and where it points. */
 export const serviceDatabaseLayer = Layer.unwrap(
   Effect.gen(function*() {
     const configured = yield* Config.option(Config.Redacted("DATABASE_URL"))
     const poolMax = yield* poolMaxConfig
-    const url = Option.isSome(configured)
-      ? configured.value
-      : (yield* startEmbeddedPostgres({ dataDir: embeddedDataDir, persistent: true, database: "runlane", fsync: true })).url
-    yield* Effect.logInfo(
-      Option.isSome(configured)
-        ? `Using DATABASE_URL ${describeUrl(url)}`
-        : `Using embedded PostgreSQL at ${describeUrl(url)}, data in ${embeddedDataDir}`
-    )
-    return Database.layerWith({ url, poolMax })
+    if (Option.isSome(configured)) {
+      yield* Effect.logInfo(`Using DATABASE_URL ${describeUrl(configured.value)}`)
+      return Layer.merge(
+        Database.layerWith({ url: configured.value, poolMax }),
+        Layer.succeed(ServiceDatabaseSource)({ embedded: false })
+      )
+    }
+    const owner = liveOwnerOf(embeddedDataDir)
+    if (owner !== undefined) {
+      return yield* new EmbeddedPostgresError({
+        dataDir: embeddedDataDir,
+        message: `the data folder ${embeddedDataDir} is in use by another server (pid ${owner}); ` +
+          `is runlane already running? Stop it, or set DATABASE_URL`
+      })
+    }
+    const { url } = yield* startEmbeddedPostgres({
+      dataDir: embeddedDataDir,
+      persistent: true,
+      database: "runlane",
+      fsync: true
+    })
+    yield* Effect.logInfo(`Using embedded PostgreSQL at ${describeUrl(url)}, data in ${embeddedDataDir}`)
+    return Layer.merge(Database.layerWith({ url, poolMax }), Layer.succeed(ServiceDatabaseSource)({ embedded: true }))
   })
 )

@@ -255,6 +255,14 @@ const make = Effect.fnUntraced(function*(database: Database["Service"], options:
   const heldSlots = new Set<Slot>()
   const pinnedInUse = new Set<PinnedConnection>()
   const counters = { acquired: 0, busy: 0, capReached: 0, lost: 0 }
+  // Holders' scopes normally close before this layer; a lock still counted here outlived its service.
+  yield* Effect.addFinalizer(() =>
+    Effect.suspend(() =>
+      count === 0
+        ? Effect.logInfo("Conversation locks closed: none held")
+        : Effect.logWarning(`Conversation locks closed with ${count} still held or in flight`)
+    ).pipe(Effect.annotateLogs({ module: "runlane/ConversationLocks" }))
+  )
 
   const takeSlot = Effect.suspend(() => {
     if (count >= cap) {

@@ -6,7 +6,7 @@
  * `action_input`, which older writers sometimes stored as a JSON string holding the object. The
  * comparison is exact string equality: no trimming, no case folding, no Unicode normalisation.
  */
-import { Context, Effect, Layer, Predicate } from "effect"
+import { Context, Effect, Layer, Option, Predicate } from "effect"
 import { Database } from "../db/Database.ts"
 import type { DatabaseError } from "../db/DatabaseError.ts"
 
@@ -41,18 +41,39 @@ const legacyObject = (actionInput: unknown): Record<string, unknown> | undefined
   return Predicate.isObject(value) && !Array.isArray(value) ? (value as Record<string, unknown>) : undefined
 }
 
+/** A run's scope as stored; agent or conversation is undefined when the run has none. */
+export interface StoredRunScope {
+  readonly organizationId: string
+  readonly agentId: string | undefined
+  readonly conversationId: string | undefined
+}
+
+/** Pure: the row's scope, from the typed columns or, where one is missing, the legacy `action_input`. */
+export const scopeOfRow = (row: ScopeRow): StoredRunScope => {
+  const legacy = row.agent_id === null || row.conversation_id === null ? legacyObject(row.action_input) : undefined
+  const fromLegacy = (key: string): string | undefined => {
+    const value = legacy?.[key]
+    return Predicate.isString(value) ? value : undefined
+  }
+  return {
+    organizationId: row.organization_id,
+    agentId: row.agent_id ?? fromLegacy("agentId"),
+    conversationId: row.conversation_id ?? fromLegacy("conversationId")
+  }
+}
+
 /** Pure: does the row match the scope in every field? */
 export const rowMatchesScope = (row: ScopeRow, scope: RunScope): boolean => {
   if (row.organization_id !== scope.organizationId) return false
-  const legacy = row.agent_id === null || row.conversation_id === null ? legacyObject(row.action_input) : undefined
-  const agentId = row.agent_id ?? legacy?.["agentId"]
-  const conversationId = row.conversation_id ?? legacy?.["conversationId"]
-  return agentId === scope.agentId && conversationId === scope.conversationId
+  const stored = scopeOfRow(row)
+  return stored.agentId === scope.agentId && stored.conversationId === scope.conversationId
 }
 
 export class RunOwnership extends Context.Service<RunOwnership, {
   /** true only when the run exists and its organization, agent and conversation all equal the scope's. */
   readonly verify: (runId: number, scope: RunScope) => Effect.Effect<boolean, DatabaseError>
+  /** The scope a run was written with (for minting its token); none when there is no such run. */
+  readonly scopeOf: (runId: number) => Effect.Effect<Option.Option<StoredRunScope>, DatabaseError>
 }>()("runlane/RunOwnership") {
   static readonly layer = Layer.effect(
     RunOwnership,
@@ -61,19 +82,30 @@ export class RunOwnership extends Context.Service<RunOwnership, {
 
       // Untraced: on this hot path Effect.fn's span and call-site capture measured ~70 µs per call, more
       // than the primary-key lookup itself (npm run bench).
+      const scopeRow = (operation: string, runId: number) =>
+        Effect.map(
+          database.use(operation, (sql) =>
+            sql<Array<ScopeRow>>`
+              select organization_id, agent_id, conversation_id,
+                     case when agent_id is null or conversation_id is null then action_input end as action_input
+                from runs
+               where id = ${runId}`),
+          (rows) => rows[0]
+        )
+
       const verify = Effect.fnUntraced(function*(runId: number, scope: RunScope) {
         if (!Number.isSafeInteger(runId) || runId <= 0 || !isCompleteScope(scope)) return false
-        const rows = yield* database.use("RunOwnership.verify", (sql) =>
-          sql<Array<ScopeRow>>`
-            select organization_id, agent_id, conversation_id,
-                   case when agent_id is null or conversation_id is null then action_input end as action_input
-              from runs
-             where id = ${runId}`)
-        const row = rows[0]
+        const row = yield* scopeRow("RunOwnership.verify", runId)
         return row !== undefined && rowMatchesScope(row, scope)
       })
 
-      return RunOwnership.of({ verify })
+      const scopeOf = Effect.fn("RunOwnership.scopeOf")(function*(runId: number) {
+        if (!Number.isSafeInteger(runId) || runId <= 0) return Option.none()
+        const row = yield* scopeRow("RunOwnership.scopeOf", runId)
+        return row === undefined ? Option.none() : Option.some(scopeOfRow(row))
+      })
+
+      return RunOwnership.of({ verify, scopeOf })
     })
   )
 }

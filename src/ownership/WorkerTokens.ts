@@ -24,7 +24,8 @@ export const defaults = {
 } as const
 
 export class InvalidToken extends Schema.TaggedError<InvalidToken>()("InvalidToken", {
-  reason: Schema.Literals(["malformed", "signature", "algorithm", "expired", "not yet valid", "claims"]),
+  /** `scope`: the signature is good but an organization, agent or conversation claim is missing or empty. */
+  reason: Schema.Literals(["malformed", "signature", "algorithm", "expired", "not yet valid", "claims", "scope"]),
   message: Schema.String
 }) {}
 
@@ -118,9 +119,11 @@ const make = Effect.fnUntraced(function*(options: WorkerTokensOptions) {
     }).pipe(
       Effect.flatMap(({ payload }) => {
         const { org, agent, conv, run, jti, exp } = payload as Record<string, unknown>
-        const ids = [org, agent, conv]
-        if (!ids.every((id) => Predicate.isString(id) && id.length > 0) || !Predicate.isString(jti) || jti === "") {
-          return Effect.fail(new InvalidToken({ reason: "claims", message: "a scope claim or the token id is missing or empty" }))
+        if (![org, agent, conv].every((id) => Predicate.isString(id) && id.length > 0)) {
+          return Effect.fail(new InvalidToken({ reason: "scope", message: "an organization, agent or conversation claim is missing or empty" }))
+        }
+        if (!Predicate.isString(jti) || jti === "") {
+          return Effect.fail(new InvalidToken({ reason: "claims", message: "the token id is missing or empty" }))
         }
         if (run !== undefined && !(Number.isSafeInteger(run) && (run as number) > 0)) {
           return Effect.fail(new InvalidToken({ reason: "claims", message: "the run claim is not a positive integer" }))
@@ -142,11 +145,16 @@ const make = Effect.fnUntraced(function*(options: WorkerTokensOptions) {
   })
 })
 
+const scopeClaims: ReadonlySet<string> = new Set(["org", "agent", "conv"])
+
 const toInvalidToken = (cause: unknown): InvalidToken => {
   if (cause instanceof joseErrors.JWTExpired) return new InvalidToken({ reason: "expired", message: "the token has expired" })
   if (cause instanceof joseErrors.JWTClaimValidationFailed) {
-    return cause.claim === "nbf" || cause.claim === "iat"
-      ? new InvalidToken({ reason: "not yet valid", message: "the token is not valid yet" })
+    if (cause.claim === "nbf" || cause.claim === "iat") {
+      return new InvalidToken({ reason: "not yet valid", message: "the token is not valid yet" })
+    }
+    return scopeClaims.has(cause.claim)
+      ? new InvalidToken({ reason: "scope", message: `claim ${cause.claim}: ${cause.reason}` })
       : new InvalidToken({ reason: "claims", message: `claim ${cause.claim}: ${cause.reason}` })
   }
   if (cause instanceof joseErrors.JOSEAlgNotAllowed) {

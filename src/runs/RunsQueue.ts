@@ -234,6 +234,15 @@ const toDatabaseError = (operation: string) => (cause: unknown): DatabaseError =
     ? new DatabaseError({ operation, message: cause.message, retryable: true, cause })
     : DatabaseError.fromCause(operation, cause)
 
+export interface RunCount {
+  readonly queue: string
+  readonly status: string
+  readonly count: number
+}
+
+/** A count over a very large table gives up rather than hold a connection for long. */
+export const countsTimeoutMs = 2_000
+
 export class RunsQueue extends Context.Service<RunsQueue, {
   readonly send: (input: SendRunInput, options?: SendOptions) => Effect.Effect<SendResult, InvalidRunInput | DatabaseError>
   /** Writes the whole batch in one statement; answers in input order. Nothing is written if any run is invalid. */
@@ -241,6 +250,11 @@ export class RunsQueue extends Context.Service<RunsQueue, {
     inputs: ReadonlyArray<SendRunInput>,
     options?: SendOptions
   ) => Effect.Effect<ReadonlyArray<SendResult>, InvalidRunInput | DatabaseError>
+  /**
+   * How many runs each queue holds in each status (for /metrics). It reads the whole table, so it runs
+   * under a statement timeout (`countsTimeoutMs`) and callers should cache the answer.
+   */
+  readonly counts: Effect.Effect<ReadonlyArray<RunCount>, DatabaseError>
 }>()("runlane/RunsQueue") {
   static readonly layer = Layer.effect(
     RunsQueue,
@@ -281,7 +295,14 @@ export class RunsQueue extends Context.Service<RunsQueue, {
           return Effect.tryPromise({ try: () => writeRuns(client, records), catch: sendManyError })
         })
 
-      return RunsQueue.of({ send, sendMany })
+      const counts = database.use("RunsQueue.counts", (sql) =>
+        sql.begin(async (tx) => {
+          await tx`select set_config('statement_timeout', ${String(countsTimeoutMs)}, true)`
+          return tx<Array<RunCount>>`
+            select queue, status, count(*)::float8 as count from runs group by queue, status order by queue, status`
+        }))
+
+      return RunsQueue.of({ send, sendMany, counts })
     })
   )
 }

@@ -80,8 +80,8 @@ describe("WorkerTokens", () => {
 
   it.effect("requires every scope claim, a token id, and a positive integer run", () =>
     Effect.gen(function*() {
-      assert.strictEqual(yield* reasonOf(yield* forge({ conv: undefined })), "claims")
-      assert.strictEqual(yield* reasonOf(yield* forge({ org: "" })), "claims")
+      assert.strictEqual(yield* reasonOf(yield* forge({ conv: undefined })), "scope")
+      assert.strictEqual(yield* reasonOf(yield* forge({ org: "" })), "scope")
       assert.strictEqual(yield* reasonOf(yield* forge({ run: "42" })), "claims")
       assert.strictEqual(yield* reasonOf(yield* forge({ run: 0 })), "claims")
       assert.strictEqual(yield* reasonOf(yield* forge({ run: 1.5 })), "claims")

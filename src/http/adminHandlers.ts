@@ -1,0 +1,76 @@
+/**
+ * POST /v1/runs (enqueue through RunsQueue.send) and POST /v1/runs/{id}/token (the run's worker token),
+ * behind the operator's bearer token.
+ */
+import { Effect, Option, Predicate } from "effect"
+import { HttpApiBuilder } from "effect/http-api"
+import { RunOwnership } from "../ownership/RunOwnership.ts"
+import { WorkerTokens } from "../ownership/WorkerTokens.ts"
+import { RunsQueue } from "../runs/RunsQueue.ts"
+import type { SendRunInput } from "../runs/runInput.ts"
+import { answerDatabaseFailure } from "./internalError.ts"
+import { parseJson, readBodyText } from "./requestBody.ts"
+import { BadRequest, Conflict, NotFound, RunlaneApi } from "./RunlaneApi.ts"
+
+/** An enqueue body: a run's payload is meant to be small (ids and a prompt), not a document store. */
+export const maxEnqueueBodyBytes = 1024 * 1024
+
+const enqueueFields: ReadonlySet<string> = new Set([
+  "queue",
+  "organizationId",
+  "agentId",
+  "conversationId",
+  "payload",
+  "priority",
+  "delayMs",
+  "idempotencyKey",
+  "maxAttempts",
+  "retryDelaySeconds"
+])
+
+/** Pure: the decimal text of a positive safe integer, or undefined (no signs, no exponent, no dot). */
+export const parseRunId = (text: string): number | undefined => {
+  if (!/^[1-9][0-9]{0,15}$/.test(text)) return undefined
+  const id = Number(text)
+  return Number.isSafeInteger(id) ? id : undefined
+}
+
+export const AdminHandlers = HttpApiBuilder.group(
+  RunlaneApi,
+  "admin",
+  Effect.fnUntraced(function*(handlers) {
+    const queue = yield* RunsQueue
+    const ownership = yield* RunOwnership
+    const tokens = yield* WorkerTokens
+
+    return handlers
+      .handleRaw("enqueue", ({ request }) =>
+        Effect.gen(function*() {
+          const body = yield* Effect.flatMap(readBodyText(request, maxEnqueueBodyBytes), parseJson)
+          if (!Predicate.isObject(body) || Array.isArray(body)) {
+            return yield* new BadRequest({ error: "The body must be a JSON object" })
+          }
+          // A misspelt option would otherwise be silently ignored and the run enqueued without it.
+          const unknown = Object.keys(body).find((key) => !enqueueFields.has(key))
+          if (unknown !== undefined) return yield* new BadRequest({ error: `Unknown field ${unknown}`, field: unknown })
+          return yield* queue.send(body as unknown as SendRunInput).pipe(
+            Effect.catchTag("InvalidRunInput", (invalid) =>
+              Effect.fail(new BadRequest({ error: `${invalid.field} ${invalid.message}`, field: invalid.field })))
+          )
+        }).pipe(answerDatabaseFailure))
+      .handle("runToken", ({ params }) =>
+        Effect.gen(function*() {
+          const runId = parseRunId(params.id)
+          if (runId === undefined) {
+            return yield* new BadRequest({ error: "Run id must be a positive integer", field: "id" })
+          }
+          const scope = yield* ownership.scopeOf(runId)
+          if (Option.isNone(scope)) return yield* new NotFound({ error: "No such run" })
+          const { organizationId, agentId, conversationId } = scope.value
+          if (agentId === undefined || conversationId === undefined) {
+            return yield* new Conflict({ error: "The run has no agent or conversation, so no worker token scopes it" })
+          }
+          return { token: yield* tokens.mintRunToken({ organizationId, agentId, conversationId }, runId) }
+        }).pipe(answerDatabaseFailure))
+  })
+)

@@ -1,0 +1,85 @@
+/**
+ * GET /health, /health/ready, /health/orchestrator and /metrics. None needs a token (they are meant
+ * for load balancers and scrapers); none reveals a tenant's data.
+ */
+import { Effect } from "effect"
+import { HttpApiBuilder } from "effect/http-api"
+import { HttpServerResponse } from "effect/http"
+import { PrometheusMetrics } from "effect/observability"
+import { Database } from "../db/Database.ts"
+import { Migrator } from "../db/Migrator.ts"
+import { ConversationLocks } from "../locks/ConversationLocks.ts"
+import { type RunCount, RunsQueue } from "../runs/RunsQueue.ts"
+import { lockMetricsText, runCountsText } from "./prometheusText.ts"
+import { RunlaneApi, Unavailable } from "./RunlaneApi.ts"
+
+/** Run counts read the whole runs table, so a scrape reuses an answer younger than this. */
+export const runCountsMaxAgeMs = 15_000
+
+export const HealthHandlers = HttpApiBuilder.group(
+  RunlaneApi,
+  "health",
+  Effect.fnUntraced(function*(handlers) {
+    const database = yield* Database
+    const migrator = yield* Migrator
+    const locks = yield* ConversationLocks
+    const queue = yield* RunsQueue
+
+    let cachedCounts: { readonly at: number; readonly counts: ReadonlyArray<RunCount> } | undefined
+    const runCounts = Effect.suspend(() => {
+      if (cachedCounts !== undefined && Date.now() - cachedCounts.at < runCountsMaxAgeMs) {
+        return Effect.succeed(cachedCounts.counts)
+      }
+      return queue.counts.pipe(
+        Effect.tap((counts) => Effect.sync(() => (cachedCounts = { at: Date.now(), counts }))),
+        Effect.catch((error) =>
+          Effect.as(Effect.logWarning("run counts for /metrics could not be read", { message: error.message }), undefined)
+        )
+      )
+    })
+
+    return handlers.handleAll({
+      health: () => Effect.succeed({ status: "ok" as const }),
+      ready: () =>
+        Effect.gen(function*() {
+          yield* database.use("health.ready", (sql) => sql`select 1`)
+          const status = yield* migrator.status
+          if (status.pending.length > 0) {
+            return yield* new Unavailable({ error: `${status.pending.length} migration(s) pending` })
+          }
+          return { status: "ready" as const, migrationsApplied: status.applied.length }
+        }).pipe(
+          Effect.catchTags({
+            DatabaseError: (error) =>
+              Effect.logWarning("readiness check failed", { message: error.message }).pipe(
+                Effect.andThen(Effect.fail(new Unavailable({ error: "Database unavailable" })))
+              ),
+            MigrationError: (error) => Effect.fail(new Unavailable({ error: error.message }))
+          })
+        ),
+      orchestrator: () =>
+        Effect.map(locks.localUsage, (usage) => ({
+          status: "ok" as const,
+          reserved_conversation_locks: usage.held + usage.inFlight,
+          reserved_conversation_locks_cap: usage.cap,
+          near_cap: usage.nearCap,
+          held: usage.held,
+          in_flight: usage.inFlight,
+          oldest_hold_ms: usage.oldestHoldMs,
+          acquired_total: usage.acquired,
+          busy_total: usage.busy,
+          cap_reached_total: usage.capReached,
+          lost_total: usage.lost
+        })),
+      metrics: () =>
+        Effect.gen(function*() {
+          const usage = yield* locks.localUsage
+          const counts = yield* runCounts
+          const http = yield* PrometheusMetrics.format()
+          return HttpServerResponse.text(lockMetricsText(usage) + runCountsText(counts) + http, {
+            contentType: "text/plain; version=0.0.4; charset=utf-8"
+          })
+        })
+    })
+  })
+)

@@ -1,0 +1,68 @@
+/**
+ * Request counts and latencies of the HTTP service, as Effect metrics that /metrics renders with
+ * effect/observability's Prometheus formatter. Labels are the route pattern, never the raw path, so a
+ * client cannot grow the label set (a run id in the path would make one series per run).
+ */
+import { Effect, Exit, Metric } from "effect"
+import { HttpServerRequest } from "effect/http/HttpServerRequest"
+import type { HttpServerResponse } from "effect/http/HttpServerResponse"
+
+const requests = Metric.counter("runlane_http_requests_total", {
+  description: "HTTP requests answered, by method, route and status"
+})
+
+/** Seconds; from 1 ms (a health probe) to 10 s (a 4 MiB upload on a slow link). */
+const durations = Metric.histogram("runlane_http_request_duration_seconds", {
+  description: "HTTP request latency, by method and route",
+  boundaries: [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10]
+})
+
+const fixedRoutes = new Set([
+  "/worker/transcript/snapshot",
+  "/health",
+  "/health/ready",
+  "/health/orchestrator",
+  "/metrics",
+  "/v1/runs"
+])
+const runTokenRoute = /^\/v1\/runs\/[^/]+\/token$/
+
+/** Pure: the route pattern a request path belongs to, or "unmatched". */
+export const routeOf = (url: string): string => {
+  const query = url.indexOf("?")
+  const path = query === -1 ? url : url.slice(0, query)
+  if (fixedRoutes.has(path)) return path
+  return runTokenRoute.test(path) ? "/v1/runs/:id/token" : "unmatched"
+}
+
+/** One series object per label set, made once: building a tagged metric on every request costs. */
+const seriesCache = new Map<string, { readonly count: Metric.Counter<number>; readonly latency: Metric.Histogram<number> }>()
+
+const seriesOf = (method: string, route: string, status: number) => {
+  const key = `${method} ${route} ${status}`
+  let series = seriesCache.get(key)
+  if (series === undefined) {
+    series = {
+      count: Metric.withAttributes(requests, { method, route, status: String(status) }),
+      latency: Metric.withAttributes(durations, { method, route })
+    }
+    seriesCache.set(key, series)
+  }
+  return series
+}
+
+/** Server middleware: records every request once it has been answered. */
+export const recordHttpMetrics = <E, R>(
+  app: Effect.Effect<HttpServerResponse, E, R>
+): Effect.Effect<HttpServerResponse, E, R | HttpServerRequest> =>
+  Effect.flatMap(HttpServerRequest, (request) => {
+    const started = performance.now()
+    return Effect.onExit(app, (exit) => {
+      const status = Exit.isSuccess(exit) ? exit.value.status : 500
+      const series = seriesOf(request.method, routeOf(request.url), status)
+      return Effect.andThen(
+        Metric.update(series.count, 1),
+        Metric.update(series.latency, (performance.now() - started) / 1000)
+      )
+    })
+  })

@@ -1,0 +1,54 @@
+/**
+ * Pure: conversation-lock usage and run counts in the Prometheus text exposition format (0.0.4).
+ * HTTP metrics come from Effect's metric registry instead (see httpMetrics.ts).
+ */
+import type { LocalLockUsage } from "../locks/ConversationLocks.ts"
+import type { RunCount } from "../runs/RunsQueue.ts"
+
+const escapeLabel = (value: string): string => value.replace(/\\/g, "\\\\").replace(/"/g, "\\\"").replace(/\n/g, "\\n")
+
+const metric = (name: string, type: "gauge" | "counter", help: string, samples: ReadonlyArray<string>): string =>
+  `# HELP ${name} ${help}\n# TYPE ${name} ${type}\n${samples.join("\n")}\n`
+
+export const lockMetricsText = (usage: LocalLockUsage): string =>
+  [
+    metric("runlane_conversation_locks_reserved", "gauge", "Connections pinned for conversation locks (held and in flight)", [
+      `runlane_conversation_locks_reserved ${usage.held + usage.inFlight}`
+    ]),
+    metric("runlane_conversation_locks_cap", "gauge", "Most connections this process may pin for conversation locks", [
+      `runlane_conversation_locks_cap ${usage.cap}`
+    ]),
+    metric("runlane_conversation_locks_near_cap", "gauge", "1 when reserved locks reach 80% of the cap", [
+      `runlane_conversation_locks_near_cap ${usage.nearCap ? 1 : 0}`
+    ]),
+    metric("runlane_conversation_locks_held", "gauge", "Conversation locks held", [
+      `runlane_conversation_locks_held ${usage.held}`
+    ]),
+    metric("runlane_conversation_locks_oldest_hold_seconds", "gauge", "Age of the oldest held lock (0 when none)", [
+      `runlane_conversation_locks_oldest_hold_seconds ${(usage.oldestHoldMs ?? 0) / 1000}`
+    ]),
+    metric("runlane_conversation_locks_acquired_total", "counter", "Conversation locks acquired", [
+      `runlane_conversation_locks_acquired_total ${usage.acquired}`
+    ]),
+    metric("runlane_conversation_locks_busy_total", "counter", "Acquires refused because another session held the lock", [
+      `runlane_conversation_locks_busy_total ${usage.busy}`
+    ]),
+    metric("runlane_conversation_locks_cap_reached_total", "counter", "Acquires refused at the cap", [
+      `runlane_conversation_locks_cap_reached_total ${usage.capReached}`
+    ]),
+    metric("runlane_conversation_locks_lost_total", "counter", "Held locks whose session died", [
+      `runlane_conversation_locks_lost_total ${usage.lost}`
+    ])
+  ].join("")
+
+/** `counts` undefined means they could not be read this time; the `_up` gauge says so. */
+export const runCountsText = (counts: ReadonlyArray<RunCount> | undefined): string =>
+  metric("runlane_runs_count_up", "gauge", "1 when the run counts below could be read", [
+    `runlane_runs_count_up ${counts === undefined ? 0 : 1}`
+  ]) +
+  (counts === undefined || counts.length === 0 ? "" : metric(
+    "runlane_runs",
+    "gauge",
+    "Runs by queue and status",
+    counts.map((c) => `runlane_runs{queue="${escapeLabel(c.queue)}",status="${escapeLabel(c.status)}"} ${c.count}`)
+  ))

@@ -1,0 +1,64 @@
+/**
+ * Reading a request body under a byte limit, refusing an oversized one before it is read: a declared
+ * `Content-Length` over the limit is refused at once, and a body without one (chunked) is counted as
+ * it arrives and refused as soon as it passes the limit. Either way the client gets its 413 while it
+ * may still be sending.
+ */
+import { Effect, Stream } from "effect"
+import type { HttpServerRequest } from "effect/http/HttpServerRequest"
+import { BadRequest, PayloadTooLarge } from "./RunlaneApi.ts"
+
+const tooLarge = (limitBytes: number) =>
+  new PayloadTooLarge({ error: `Request body over the limit of ${limitBytes} bytes` })
+
+const unreadable = new BadRequest({ error: "The request body could not be read" })
+const invalidJson = new BadRequest({ error: "Invalid JSON body" })
+
+const utf8 = new TextDecoder("utf-8", { fatal: true })
+
+export const readBodyText = (
+  request: HttpServerRequest,
+  limitBytes: number
+): Effect.Effect<string, BadRequest | PayloadTooLarge> => {
+  const declared = request.headers["content-length"]
+  if (declared !== undefined) {
+    const length = Number(declared)
+    if (!Number.isSafeInteger(length) || length < 0) {
+      return Effect.fail(new BadRequest({ error: "Invalid Content-Length" }))
+    }
+    if (length > limitBytes) return Effect.fail(tooLarge(limitBytes))
+    if (length === 0) return Effect.succeed("")
+    // The HTTP parser delivers exactly the declared length, so reading it whole is bounded.
+    return Effect.flatMap(Effect.mapError(request.arrayBuffer, () => unreadable), decodeUtf8)
+  }
+  return Stream.runFoldEffect(
+    request.stream,
+    () => ({ chunks: [] as Array<Uint8Array>, bytes: 0 }),
+    (read, chunk: Uint8Array) => {
+      read.bytes += chunk.byteLength
+      if (read.bytes > limitBytes) return Effect.fail(tooLarge(limitBytes))
+      read.chunks.push(chunk)
+      return Effect.succeed(read)
+    }
+  ).pipe(
+    Effect.mapError((error) => error instanceof PayloadTooLarge ? error : unreadable),
+    Effect.flatMap((read) => decodeUtf8(Buffer.concat(read.chunks)))
+  )
+}
+
+const decodeUtf8 = (bytes: ArrayBuffer | Uint8Array): Effect.Effect<string, BadRequest> => {
+  try {
+    return Effect.succeed(utf8.decode(bytes))
+  } catch {
+    return Effect.fail(new BadRequest({ error: "The request body is not valid UTF-8" }))
+  }
+}
+
+/** The body parsed as JSON: any JSON text becomes a value, anything else is `Invalid JSON body`. */
+export const parseJson = (text: string): Effect.Effect<unknown, BadRequest> => {
+  try {
+    return Effect.succeed(JSON.parse(text))
+  } catch {
+    return Effect.fail(invalidJson)
+  }
+}

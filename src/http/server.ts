@@ -1,0 +1,101 @@
+/**
+ * The routes of RunlaneApi with their handlers, served by Node (`httpServerLayer`) or as a web
+ * `fetch` handler to mount in another framework (`makeFetchHandler`).
+ */
+import { createServer, type Server } from "node:http"
+import { NodeHttpServer } from "@effect/platform-node"
+import { Duration, Effect, Layer } from "effect"
+import { HttpRouter, HttpServer, HttpServerResponse } from "effect/http"
+import { HttpApiBuilder } from "effect/http-api"
+import type { Database } from "../db/Database.ts"
+import type { Migrator } from "../db/Migrator.ts"
+import type { ConversationLocks } from "../locks/ConversationLocks.ts"
+import type { RunOwnership } from "../ownership/RunOwnership.ts"
+import type { WorkerTokens } from "../ownership/WorkerTokens.ts"
+import type { RunsQueue } from "../runs/RunsQueue.ts"
+import type { TranscriptSnapshots } from "../snapshots/TranscriptSnapshots.ts"
+import { AdminHandlers } from "./adminHandlers.ts"
+import { AdminAuthLayer, WorkerAuthLayer } from "./authentication.ts"
+import { HealthHandlers } from "./healthHandlers.ts"
+import { recordHttpMetrics } from "./httpMetrics.ts"
+import { RunlaneApi } from "./RunlaneApi.ts"
+import { SnapshotHandlers } from "./snapshotHandlers.ts"
+
+/** The services the routes stand on. */
+export type RouteServices =
+  | Database
+  | Migrator
+  | ConversationLocks
+  | RunsQueue
+  | RunOwnership
+  | WorkerTokens
+  | TranscriptSnapshots
+
+/** How long in-flight requests may finish after shutdown begins before their connections are cut. */
+export const shutdownGraceMs = 10_000
+/** A request (headers and body) must arrive within this; a client trickling bytes is cut off. */
+export const requestTimeoutMs = 120_000
+
+const notFound = HttpRouter.add("*", "*", HttpServerResponse.jsonUnsafe({ error: "Not found" }, { status: 404 }))
+
+/** Every route, including /openapi.json, answering JSON 404 for anything else. */
+export const RunlaneRoutes = Layer.mergeAll(
+  HttpApiBuilder.layer(RunlaneApi, { openapiPath: "/openapi.json" }),
+  notFound
+).pipe(
+  Layer.provide([SnapshotHandlers, HealthHandlers, AdminHandlers]),
+  Layer.provide([WorkerAuthLayer, AdminAuthLayer])
+)
+
+export interface HttpServerOptions {
+  readonly port: number
+  readonly host: string
+}
+
+/**
+ * Serves the routes on Node. On close: stop accepting, give in-flight requests `shutdownGraceMs` to
+ * finish, then cut the connections still open; the services the routes use close after that.
+ */
+export const httpServerLayer = (options: HttpServerOptions) => {
+  let server: Server | undefined
+  const nodeServer = NodeHttpServer.layer(() => {
+    server = createServer({ requestTimeout: requestTimeoutMs })
+    return server
+  }, { port: options.port, host: options.host, gracefulShutdownTimeout: Duration.millis(shutdownGraceMs) })
+
+  // Built after the server, so its finalizer runs before the server's own close.
+  const boundedShutdown = Layer.effectDiscard(Effect.addFinalizer(() => drain(server)))
+
+  return boundedShutdown.pipe(
+    Layer.provideMerge(
+      HttpRouter.serve(RunlaneRoutes, { disableLogger: true, disableListenLog: true, middleware: recordHttpMetrics })
+    ),
+    Layer.provideMerge(nodeServer)
+  )
+}
+
+const openConnections = (server: Server): Promise<number> =>
+  new Promise((resolve) => server.getConnections((error, count) => resolve(error ? 0 : count)))
+
+const drain = (server: Server | undefined) =>
+  Effect.promise(async () => {
+    if (server === undefined || !server.listening) return
+    server.close()
+    server.closeIdleConnections()
+    const deadline = Date.now() + shutdownGraceMs
+    while (Date.now() < deadline && (await openConnections(server)) > 0) {
+      await new Promise((resolve) => setTimeout(resolve, 25))
+      server.closeIdleConnections()
+    }
+    server.closeAllConnections()
+  })
+
+/**
+ * The routes as a web `fetch` handler (`(request: Request) => Promise<Response>`), for mounting in
+ * another framework. `services` supplies what the routes stand on; call `dispose` when done.
+ */
+export const makeFetchHandler = <E>(services: Layer.Layer<RouteServices, E>) =>
+  HttpRouter.toWebHandler(
+    RunlaneRoutes.pipe(Layer.provide(services), Layer.provide(HttpServer.layerServices)),
+    { disableLogger: true, middleware: recordHttpMetrics }
+  )

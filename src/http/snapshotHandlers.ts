@@ -1,0 +1,89 @@
+/**
+ * POST, GET and DELETE /worker/transcript/snapshot. The scope (organization, agent, conversation)
+ * always comes from the verified token, never from the request.
+ *
+ * POST checks, in this order (reference section 4.3): body size (413, before the body is read),
+ * JSON (400), terminal status (400), snapshot present (400), snapshot size in UTF-8 (413), storable
+ * text (400), run id a positive integer (400), the token's run id equals the body's (403), the run
+ * belongs to the token's scope (403), first writer wins (409).
+ */
+import { Effect, Option, Predicate } from "effect"
+import { HttpApiBuilder } from "effect/http-api"
+import { HttpServerResponse } from "effect/http"
+import { RunOwnership } from "../ownership/RunOwnership.ts"
+import { checkSnapshot, maxSnapshotBytes, TranscriptSnapshots } from "../snapshots/TranscriptSnapshots.ts"
+import { answerDatabaseFailure } from "./internalError.ts"
+import { parseJson, readBodyText } from "./requestBody.ts"
+import { BadRequest, Conflict, Forbidden, NotFound, PayloadTooLarge, RunlaneApi, WorkerIdentity } from "./RunlaneApi.ts"
+
+/**
+ * The largest upload body read: a snapshot at its 4 MiB limit plus JSON escaping (a JSONL transcript
+ * is mostly quotes and newlines, each escaped into two bytes) and the envelope. Anything larger
+ * cannot hold a snapshot within the limit, so it is refused unread.
+ */
+export const maxUploadBodyBytes = 2 * maxSnapshotBytes + 64 * 1024
+
+const outOfScope = new Forbidden({ error: "runId out of scope" })
+
+const fieldErrors: Record<string, string> = {
+  terminalStatus: "Invalid terminalStatus",
+  snapshotJsonl: "Missing snapshotJsonl",
+  runId: "Missing or invalid runId"
+}
+
+export const SnapshotHandlers = HttpApiBuilder.group(
+  RunlaneApi,
+  "snapshots",
+  Effect.fnUntraced(function*(handlers) {
+    const snapshots = yield* TranscriptSnapshots
+    const ownership = yield* RunOwnership
+
+    return handlers
+      .handleRaw("upload", ({ request }) =>
+        Effect.gen(function*() {
+          const identity = yield* WorkerIdentity
+          const body = yield* Effect.flatMap(readBodyText(request, maxUploadBodyBytes), parseJson)
+          if (!Predicate.isObject(body) || Array.isArray(body)) {
+            return yield* new BadRequest({ error: "The body must be a JSON object" })
+          }
+          const upload = body as Record<string, unknown>
+          const input = {
+            runId: upload["runId"] as number,
+            terminalStatus: upload["terminalStatus"] as "completed",
+            snapshotJsonl: upload["snapshotJsonl"] as string
+          }
+          const invalid = checkSnapshot(input)
+          if (invalid?._tag === "SnapshotTooLarge") {
+            return yield* new PayloadTooLarge({ error: "Snapshot too large", field: "snapshotJsonl" })
+          }
+          if (invalid !== undefined) {
+            // A present snapshot can still be refused for its content; say why rather than "missing".
+            const unstorable = invalid.field === "snapshotJsonl" && Predicate.isString(input.snapshotJsonl) &&
+              input.snapshotJsonl !== ""
+            const message = unstorable ? invalid.message : fieldErrors[invalid.field] ?? invalid.message
+            return yield* new BadRequest({ error: message, field: invalid.field })
+          }
+          if (identity.kind !== "run" || identity.runId !== input.runId) return yield* outOfScope
+          if (!(yield* ownership.verify(input.runId, identity.scope))) return yield* outOfScope
+          return yield* snapshots.put(identity.scope, input).pipe(
+            Effect.catchTags({
+              SnapshotExists: () => Effect.fail(new Conflict({ error: "Snapshot already exists for run" })),
+              // The run was verified a moment ago; it can only be missing now if it was deleted since.
+              InvalidSnapshot: () => Effect.fail(outOfScope),
+              SnapshotTooLarge: () => Effect.fail(new PayloadTooLarge({ error: "Snapshot too large" }))
+            })
+          )
+        }).pipe(answerDatabaseFailure))
+      .handle("latest", () =>
+        Effect.gen(function*() {
+          const identity = yield* WorkerIdentity
+          const latest = yield* snapshots.latest(identity.scope)
+          if (Option.isNone(latest)) return yield* new NotFound({ error: "No snapshot found" })
+          return HttpServerResponse.text(latest.value, { contentType: "application/x-ndjson; charset=utf-8" })
+        }).pipe(answerDatabaseFailure))
+      .handle("reset", () =>
+        Effect.flatMap(WorkerIdentity, (identity) => snapshots.reset(identity.scope)).pipe(
+          answerDatabaseFailure
+        ))
+  })
+)
