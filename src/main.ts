@@ -5,6 +5,7 @@
  */
 import { NodeRuntime } from "@effect/platform-node"
 import { Layer } from "effect"
+import { serviceTeardown } from "./serviceTeardown.ts"
 import { makeServiceLayer } from "./service.ts"
 
-NodeRuntime.runMain(Layer.launch(makeServiceLayer()))
+NodeRuntime.runMain(Layer.launch(makeServiceLayer()), { teardown: serviceTeardown })

@@ -5,10 +5,11 @@
  * Closing it runs in dependency order: the HTTP server stops accepting and drains (bounded), then
  * conversation locks still held are released, then the pool ends, then the embedded server stops.
  */
-import { Config, Effect, Layer, Option } from "effect"
+import { Config, Effect, Layer, Option, Schema } from "effect"
+import { HttpServer } from "effect/http"
 import { Database } from "./db/Database.ts"
 import { Migrator } from "./db/Migrator.ts"
-import { ServiceDatabaseSource, serviceDatabaseLayer, serviceStateDir } from "./db/serviceDatabase.ts"
+import { ServiceDatabaseSource, serviceDatabaseLayer, serviceStateDirConfig } from "./db/serviceDatabase.ts"
 import { httpServerLayer } from "./http/server.ts"
 import { ConversationLocks } from "./locks/ConversationLocks.ts"
 import { loadOrCreateTokenSecret } from "./ownership/generatedTokenSecret.ts"
@@ -19,15 +20,27 @@ import { TranscriptSnapshots } from "./snapshots/TranscriptSnapshots.ts"
 
 export const defaultPort = 8787
 export const defaultHost = "127.0.0.1"
-export const generatedTokenSecretFile = `${serviceStateDir}/token-secret`
 
 /** RUNLANE_TOKEN_SECRET; with the embedded database only, a generated secret kept beside the data. */
 const serviceTokensLayer = Layer.unwrap(Effect.gen(function*() {
   const configured = yield* Config.option(Config.Redacted(tokenSecretVariable))
   const { embedded } = yield* ServiceDatabaseSource
   if (Option.isSome(configured) || !embedded) return WorkerTokens.layer
-  return WorkerTokens.layerWith({ secret: yield* loadOrCreateTokenSecret(generatedTokenSecretFile) })
+  const stateDir = yield* serviceStateDirConfig
+  return WorkerTokens.layerWith({ secret: yield* loadOrCreateTokenSecret(`${stateDir}/token-secret`) })
 }))
+
+/** PORT: 1-65535, or 0 for any free port (the start-up line says which). */
+const portConfig = Effect.gen(function*() {
+  const port = yield* Config.Int("PORT").pipe(Config.withDefault(defaultPort))
+  if (port < 0 || port > 65535) return yield* new ServiceConfigError({ variable: "PORT", message: `PORT=${port} is not a TCP port (0-65535)` })
+  return port
+})
+
+export class ServiceConfigError extends Schema.TaggedError<ServiceConfigError>()("ServiceConfigError", {
+  variable: Schema.String,
+  message: Schema.String
+}) {}
 
 /** Applies pending migrations before anything else uses the database. */
 const migrated = Layer.effectDiscard(Effect.gen(function*() {
@@ -50,25 +63,26 @@ export const serviceCoreLayer = Layer.mergeAll(
   Layer.provideMerge(serviceDatabaseLayer)
 )
 
-const announce = (port: number, host: string) =>
-  Layer.effectDiscard(Effect.gen(function*() {
-    const { poolMax } = yield* Database
-    const { cap } = yield* (yield* ConversationLocks).localUsage
-    const base = `http://${host}:${port}`
-    yield* Effect.logInfo(`Conversation locks: at most ${cap} of ${poolMax} pool connections pinned`)
-    yield* Effect.logInfo(`runlane listening on ${base}; try: curl ${base}/health/orchestrator (Ctrl-C stops)`)
-    yield* Effect.addFinalizer(() => Effect.logInfo("runlane is shutting down"))
-  }))
+const announce = Layer.effectDiscard(Effect.gen(function*() {
+  const { poolMax } = yield* Database
+  const { cap } = yield* (yield* ConversationLocks).localUsage
+  const base = HttpServer.formatAddress((yield* HttpServer.HttpServer).address)
+  yield* Effect.logInfo(`Conversation locks: at most ${cap} of ${poolMax} pool connections pinned`)
+  yield* Effect.logInfo(`runlane listening on ${base}; try: curl ${base}/health/orchestrator (Ctrl-C stops)`)
+  yield* Effect.addFinalizer(() => Effect.logInfo("runlane is shutting down"))
+}))
 
 /**
  * The whole service. `extra` runs on top of the core services (tests use it to hold a lock); it is
- * closed before them, like the HTTP server.
+ * closed after the HTTP server has drained and before the core services.
  */
 export const makeServiceLayer = <E>(extra: Layer.Layer<never, E, Layer.Success<typeof serviceCoreLayer>> = Layer.empty) =>
   Layer.unwrap(Effect.gen(function*() {
-    const port = yield* Config.Port("PORT").pipe(Config.withDefault(defaultPort))
+    const port = yield* portConfig
     const host = yield* Config.String("HOST").pipe(Config.withDefault(defaultHost))
-    return Layer.mergeAll(httpServerLayer({ port, host }), announce(port, host), extra).pipe(
-      Layer.provide(serviceCoreLayer)
+    // Built in this order and closed in reverse: core services, extra, HTTP server, announcement.
+    return announce.pipe(
+      Layer.provideMerge(httpServerLayer({ port, host })),
+      Layer.provide(extra.pipe(Layer.provideMerge(serviceCoreLayer)))
     )
   }))

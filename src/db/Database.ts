@@ -125,7 +125,10 @@ const make = Effect.fnUntraced(function*(options: DatabaseOptions, client: postg
         connection: { application_name: applicationName }
       })
     ),
-    (sql) => Effect.promise(() => sql.end({ timeout: poolEndTimeoutSeconds }))
+    (sql) =>
+      Effect.promise(() => sql.end({ timeout: poolEndTimeoutSeconds })).pipe(
+        Effect.andThen(Effect.logInfo("Database pool closed"))
+      )
   ))
   const tracker = new ConnectionTracker()
   tracker.install(sql)

@@ -108,7 +108,10 @@ export const startEmbeddedPostgres = (
     }
     yield* Effect.acquireRelease(
       Effect.tryPromise({ try: () => server.start(), catch: fail("PostgreSQL did not start") }),
-      () => Effect.promise(() => server.stop())
+      () =>
+        Effect.promise(() => server.stop()).pipe(
+          Effect.andThen(Effect.logInfo(`Embedded PostgreSQL stopped (data in ${options.dataDir})`))
+        )
     )
     const base = `postgres://${user}:${password}@127.0.0.1:${port}`
     yield* Effect.tryPromise({

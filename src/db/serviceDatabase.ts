@@ -1,17 +1,25 @@
 /**
  * Which PostgreSQL the service (`npm start`, `npm run db:migrate`) uses: `DATABASE_URL` when set,
- * otherwise the embedded server whose data lives in `.runlane/pgdata` (git-ignored), so a restart
+ * otherwise the embedded server whose data lives in `<RUNLANE_DATA_DIR>/pgdata`, so a restart
  * finds the same data again.
  */
 import { readFileSync } from "node:fs"
+import { resolve } from "node:path"
 import { fileURLToPath } from "node:url"
 import { Config, Context, Effect, Layer, Option, Redacted } from "effect"
 import { Database, poolMaxConfig } from "./Database.ts"
 import { EmbeddedPostgresError, startEmbeddedPostgres } from "./EmbeddedPostgres.ts"
 
-/** Everything `npm start` keeps on disk: the embedded cluster and, when generated, the token secret. */
-export const serviceStateDir = fileURLToPath(new URL("../../.runlane", import.meta.url))
-export const embeddedDataDir = `${serviceStateDir}/pgdata`
+/**
+ * Everything `npm start` keeps on disk: the embedded cluster (`pgdata/`) and, when generated, the token
+ * secret. RUNLANE_DATA_DIR moves it; by default it is `.runlane/` in the project (git-ignored).
+ */
+export const defaultServiceStateDir = fileURLToPath(new URL("../../.runlane", import.meta.url))
+export const serviceStateDirConfig = Config.String("RUNLANE_DATA_DIR").pipe(
+  Config.withDefault(defaultServiceStateDir),
+  Config.map((dir) => resolve(dir))
+)
+export const embeddedDataDirOf = (stateDir: string): string => `${stateDir}/pgdata`
 
 /** The URL without its password, for logs. */
 export const describeUrl = (url: Redacted.Redacted<string>): string => {
@@ -59,6 +67,7 @@ export const serviceDatabaseLayer = Layer.unwrap(
         Layer.succeed(ServiceDatabaseSource)({ embedded: false })
       )
     }
+    const embeddedDataDir = embeddedDataDirOf(yield* serviceStateDirConfig)
     const owner = liveOwnerOf(embeddedDataDir)
     if (owner !== undefined) {
       return yield* new EmbeddedPostgresError({

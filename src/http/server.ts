@@ -4,7 +4,7 @@
  */
 import { createServer, type Server } from "node:http"
 import { NodeHttpServer } from "@effect/platform-node"
-import { Duration, Effect, Layer } from "effect"
+import { Duration, Effect, Layer, Schema } from "effect"
 import { HttpRouter, HttpServer, HttpServerResponse } from "effect/http"
 import { HttpApiBuilder } from "effect/http-api"
 import type { Database } from "../db/Database.ts"
@@ -47,6 +47,12 @@ export const RunlaneRoutes = Layer.mergeAll(
   Layer.provide([WorkerAuthLayer, AdminAuthLayer])
 )
 
+export class HttpListenError extends Schema.TaggedError<HttpListenError>()("HttpListenError", {
+  port: Schema.Number,
+  host: Schema.String,
+  message: Schema.String
+}) {}
+
 export interface HttpServerOptions {
   readonly port: number
   readonly host: string
@@ -58,10 +64,22 @@ export interface HttpServerOptions {
  */
 export const httpServerLayer = (options: HttpServerOptions) => {
   let server: Server | undefined
-  const nodeServer = NodeHttpServer.layer(() => {
+  const listening = NodeHttpServer.make(() => {
     server = createServer({ requestTimeout: requestTimeoutMs })
     return server
-  }, { port: options.port, host: options.host, gracefulShutdownTimeout: Duration.millis(shutdownGraceMs) })
+  }, { port: options.port, host: options.host, gracefulShutdownTimeout: Duration.millis(shutdownGraceMs) }).pipe(
+    Effect.catchTag("ServeError", (error) =>
+      Effect.fail(
+        new HttpListenError({
+          port: options.port,
+          host: options.host,
+          message: (error.cause as NodeJS.ErrnoException | undefined)?.code === "EADDRINUSE"
+            ? `port ${options.port} on ${options.host} is in use; is runlane already running? Set PORT to another port`
+            : `could not listen on ${options.host}:${options.port}: ${String(error.cause)}`
+        })
+      ))
+  )
+  const nodeServer = Layer.merge(Layer.effect(HttpServer.HttpServer)(listening), NodeHttpServer.layerHttpServices)
 
   // Built after the server, so its finalizer runs before the server's own close.
   const boundedShutdown = Layer.effectDiscard(Effect.addFinalizer(() => drain(server)))
@@ -79,7 +97,7 @@ const openConnections = (server: Server): Promise<number> =>
 
 const drain = (server: Server | undefined) =>
   Effect.promise(async () => {
-    if (server === undefined || !server.listening) return
+    if (server === undefined || !server.listening) return undefined
     server.close()
     server.closeIdleConnections()
     const deadline = Date.now() + shutdownGraceMs
@@ -87,8 +105,18 @@ const drain = (server: Server | undefined) =>
       await new Promise((resolve) => setTimeout(resolve, 25))
       server.closeIdleConnections()
     }
+    const cut = await openConnections(server)
     server.closeAllConnections()
-  })
+    return cut
+  }).pipe(
+    Effect.flatMap((cut) =>
+      Effect.logInfo(
+        cut === undefined || cut === 0
+          ? "HTTP server stopped"
+          : `HTTP server stopped; ${cut} connection(s) still busy after ${shutdownGraceMs} ms were cut`
+      )
+    )
+  )
 
 /**
  * The routes as a web `fetch` handler (`(request: Request) => Promise<Response>`), for mounting in

@@ -1,0 +1,76 @@
+/**
+ * The service as a separate process (`node --import tsx <entry>`), as `npm start` runs it, with its
+ * output collected for assertions. Only the variables given are set, besides PATH and HOME.
+ */
+import { spawn } from "node:child_process"
+import { fileURLToPath } from "node:url"
+
+export const projectRoot = fileURLToPath(new URL("../..", import.meta.url))
+export const mainEntry = "src/main.ts"
+
+export interface ServiceProcess {
+  readonly output: () => string
+  /** Resolves with the first match in the output so far or to come; rejects after `timeoutMs`. */
+  readonly waitFor: (pattern: RegExp, timeoutMs?: number) => Promise<RegExpMatchArray>
+  readonly exited: Promise<{ readonly code: number | null; readonly signal: NodeJS.Signals | null }>
+  readonly signal: (signal: NodeJS.Signals) => void
+}
+
+export const startService = (entry: string, env: Record<string, string>): ServiceProcess => {
+  const child = spawn(process.execPath, ["--import", "tsx", entry], {
+    cwd: projectRoot,
+    env: { PATH: process.env["PATH"] ?? "", HOME: process.env["HOME"] ?? "", ...env },
+    stdio: ["ignore", "pipe", "pipe"]
+  })
+  let output = ""
+  const listeners = new Set<() => void>()
+  const append = (chunk: Buffer) => {
+    output += chunk.toString("utf8")
+    for (const listener of listeners) listener()
+  }
+  child.stdout.on("data", append)
+  child.stderr.on("data", append)
+  const exited = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((resolve) =>
+    child.once("exit", (code, signal) => {
+      resolve({ code, signal })
+      for (const listener of listeners) listener()
+    })
+  )
+  let done = false
+  void exited.then(() => (done = true))
+
+  const waitFor = (pattern: RegExp, timeoutMs = 30_000) =>
+    new Promise<RegExpMatchArray>((resolve, reject) => {
+      const check = () => {
+        const match = output.match(pattern)
+        if (match !== null) {
+          finish()
+          resolve(match)
+        } else if (done) {
+          finish()
+          reject(new Error(`exited before ${pattern} appeared; output:\n${output}`))
+        }
+      }
+      const timer = setTimeout(() => {
+        finish()
+        reject(new Error(`${pattern} did not appear within ${timeoutMs} ms; output:\n${output}`))
+      }, timeoutMs)
+      const finish = () => {
+        clearTimeout(timer)
+        listeners.delete(check)
+      }
+      listeners.add(check)
+      check()
+    })
+
+  return { output: () => output, waitFor, exited, signal: (signal) => child.kill(signal) }
+}
+
+/** Bounded wait for the process to end. */
+export const exitWithin = (service: ServiceProcess, timeoutMs: number) =>
+  Promise.race([
+    service.exited,
+    new Promise<never>((_, reject) =>
+      setTimeout(() => reject(new Error(`did not exit within ${timeoutMs} ms; output:\n${service.output()}`)), timeoutMs)
+    )
+  ])
