@@ -1,0 +1,89 @@
+import { Effect, Layer, Redacted } from "effect"
+import postgres from "postgres"
+import { afterAll, assert, beforeAll, describe, it } from "vitest"
+import { Database } from "../../src/db/Database.ts"
+import { makeFetchHandler } from "../../src/http/server.ts"
+import { createDatabase, dropDatabase, type TestDatabaseHandle } from "../support/testDatabase.ts"
+import { Migrator } from "../../src/db/Migrator.ts"
+import { ConversationLocks } from "../../src/locks/ConversationLocks.ts"
+import { RunOwnership } from "../../src/ownership/RunOwnership.ts"
+import { WorkerTokens } from "../../src/ownership/WorkerTokens.ts"
+import { RunsQueue } from "../../src/runs/RunsQueue.ts"
+import { TranscriptSnapshots } from "../../src/snapshots/TranscriptSnapshots.ts"
+import { forgeToken, routeServicesLayer, tokenSecret } from "../support/httpHarness.ts"
+
+const migrate = (url: string) =>
+  Effect.runPromise(
+    Effect.flatMap(Migrator, (migrator) => migrator.migrate).pipe(
+      Effect.provide(Migrator.layer),
+      Effect.provide(Database.layerWith({ url: Redacted.make(url), poolMax: 2 }))
+    )
+  )
+
+describe("the routes as a web fetch handler", () => {
+  it("answers in-process: health, admin off without RUNLANE_ADMIN_TOKEN, 401 without a token", async () => {
+    const { handler, dispose } = makeFetchHandler(routeServicesLayer())
+    try {
+      const health = await handler(new Request("http://runlane.test/health"))
+      assert.strictEqual(health.status, 200)
+      assert.deepStrictEqual(await health.json(), { status: "ok" })
+      // No RUNLANE_ADMIN_TOKEN in this process's environment, so admin routes are off.
+      const admin = await handler(new Request("http://runlane.test/v1/runs", { method: "POST", body: "{}" }))
+      assert.strictEqual(admin.status, 404)
+      const unauthenticated = await handler(new Request("http://runlane.test/worker/transcript/snapshot"))
+      assert.strictEqual(unauthenticated.status, 401)
+    } finally {
+      await dispose()
+    }
+  })
+})
+
+describe("readiness", () => {
+  let database: TestDatabaseHandle
+  beforeAll(async () => {
+    database = await createDatabase({ migrated: false })
+  })
+  afterAll(async () => {
+    await dropDatabase(database.name)
+  })
+
+  it("is 503 while a migration is pending, 200 once applied, and then the snapshot routes work", async () => {
+    const services = Layer.mergeAll(
+      Migrator.layer,
+      ConversationLocks.layerWith({ cap: 1 }),
+      RunsQueue.layer,
+      RunOwnership.layer,
+      TranscriptSnapshots.layer,
+      WorkerTokens.layerWith({ secret: Redacted.make(tokenSecret) })
+    ).pipe(Layer.provideMerge(Database.layerWith({ url: Redacted.make(database.url), poolMax: 4 })))
+    const { handler, dispose } = makeFetchHandler(services)
+    try {
+      const pending = await handler(new Request("http://runlane.test/health/ready"))
+      assert.strictEqual(pending.status, 503)
+      assert.match((await pending.json() as { error: string }).error, /1 migration\(s\) pending/)
+      await migrate(database.url)
+      const ready = await handler(new Request("http://runlane.test/health/ready"))
+      assert.strictEqual(ready.status, 200)
+
+      const sql = postgres(database.url, { max: 1, onnotice: () => {} })
+      const [run] = await sql<Array<{ id: string }>>`
+        insert into runs (organization_id, agent_id, conversation_id, queue, action_input)
+        values ('o', 'a', 'c', 'messages', '{}') returning id::text`
+      await sql.end({ timeout: 5 })
+      const runId = Number(run!.id)
+      const token = await Effect.runPromise(forgeToken({ org: "o", agent: "a", conv: "c", run: runId }))
+      const headers = { authorization: `Bearer ${token}`, "content-type": "application/json" }
+      const snapshot = "{\"type\":\"session\"}\n"
+      const upload = await handler(new Request("http://runlane.test/worker/transcript/snapshot", {
+        method: "POST",
+        headers,
+        body: JSON.stringify({ runId, terminalStatus: "completed", snapshotJsonl: snapshot })
+      }))
+      assert.strictEqual(upload.status, 200, await upload.clone().text())
+      const latest = await handler(new Request("http://runlane.test/worker/transcript/snapshot", { headers }))
+      assert.strictEqual(await latest.text(), snapshot)
+    } finally {
+      await dispose()
+    }
+  })
+})
