@@ -1,9 +1,10 @@
 /**
  * `npm run bench`: prints a table; `npm run bench -- --json` prints a JSON array of
- * `{ name, value, unit, baseline, ratio }` instead; `-- --only=runs` or `-- --only=locks` runs one group.
+ * `{ name, value, unit, baseline, ratio }` instead; `-- --only=runs`, `-- --only=locks` or `-- --only=http` runs one group.
  */
 import { Effect } from "effect"
 import { benchDatabase, printTable } from "./harness.ts"
+import { httpBenchmarks } from "./http.ts"
 import { lockBenchmarks } from "./locks.ts"
 import { runsBenchmarks } from "./runs.ts"
 
@@ -14,7 +15,8 @@ const program = Effect.gen(function*() {
   const only = process.argv.find((arg) => arg.startsWith("--only="))?.slice("--only=".length)
   const results = [
     ...(only === undefined || only === "runs" ? yield* runsBenchmarks(url) : []),
-    ...(only === undefined || only === "locks" ? yield* lockBenchmarks(url) : [])
+    ...(only === undefined || only === "locks" ? yield* lockBenchmarks(url) : []),
+    ...(only === undefined || only === "http" ? yield* httpBenchmarks(url) : [])
   ]
   if (json) {
     process.stdout.write(`${JSON.stringify(results.map(({ name, value, unit, baseline, ratio }) => ({ name, value, unit, baseline, ratio })), null, 2)}\n`)

@@ -31,6 +31,13 @@ const fieldErrors: Record<string, string> = {
   runId: "Missing or invalid runId"
 }
 
+// The size and fields are checked before these calls; `put` still refuses a run deleted in between
+// (InvalidSnapshot on runId), which is out of scope by then.
+const refusalsAfterChecks = {
+  SnapshotTooLarge: () => Effect.fail(new PayloadTooLarge({ error: "Snapshot too large" })),
+  InvalidSnapshot: () => Effect.fail(outOfScope)
+} as const
+
 export const SnapshotHandlers = HttpApiBuilder.group(
   RunlaneApi,
   "snapshots",
@@ -64,13 +71,15 @@ export const SnapshotHandlers = HttpApiBuilder.group(
             return yield* new BadRequest({ error: message, field: invalid.field })
           }
           if (identity.kind !== "run" || identity.runId !== input.runId) return yield* outOfScope
+          const stored = yield* snapshots.putIfRunInScope(identity.scope, input).pipe(Effect.catchTags(refusalsAfterChecks))
+          if (Option.isSome(stored)) return stored.value
+          // Not stored in one statement: the run is another scope's, a legacy row without scope columns,
+          // or it already has a snapshot. RunOwnership tells the first two apart.
           if (!(yield* ownership.verify(input.runId, identity.scope))) return yield* outOfScope
           return yield* snapshots.put(identity.scope, input).pipe(
             Effect.catchTags({
-              SnapshotExists: () => Effect.fail(new Conflict({ error: "Snapshot already exists for run" })),
-              // The run was verified a moment ago; it can only be missing now if it was deleted since.
-              InvalidSnapshot: () => Effect.fail(outOfScope),
-              SnapshotTooLarge: () => Effect.fail(new PayloadTooLarge({ error: "Snapshot too large" }))
+              ...refusalsAfterChecks,
+              SnapshotExists: () => Effect.fail(new Conflict({ error: "Snapshot already exists for run" }))
             })
           )
         }).pipe(answerDatabaseFailure))

@@ -70,6 +70,15 @@ export class TranscriptSnapshots extends Context.Service<TranscriptSnapshots, {
     scope: SnapshotScope,
     input: PutSnapshot
   ) => Effect.Effect<{ readonly id: number }, SnapshotExists | SnapshotTooLarge | InvalidSnapshot | DatabaseError>
+  /**
+   * `put` in one statement, only when the run's organization, agent and conversation columns equal the
+   * scope. None when they do not (or the run has no such columns: ask RunOwnership, which knows legacy
+   * rows) or when the run already has a snapshot. This is the upload's hot path: one round trip.
+   */
+  readonly putIfRunInScope: (
+    scope: SnapshotScope,
+    input: PutSnapshot
+  ) => Effect.Effect<Option.Option<{ readonly id: number }>, SnapshotTooLarge | InvalidSnapshot | DatabaseError>
   /** The newest `completed` snapshot of the conversation, byte for byte. */
   readonly latest: (scope: SnapshotScope) => Effect.Effect<Option.Option<string>, DatabaseError>
   /** Deletes every snapshot of the conversation (a session reset); answers how many. */
@@ -101,6 +110,25 @@ export class TranscriptSnapshots extends Context.Service<TranscriptSnapshots, {
         return { id: Number(row.id) }
       })
 
+      // Untraced like RunOwnership.verify: this is the upload's hot path (npm run bench).
+      const putIfRunInScope = Effect.fnUntraced(function*(scope: SnapshotScope, input: PutSnapshot) {
+        const invalid = checkSnapshot(input)
+        if (invalid !== undefined) return yield* invalid
+        const rows = yield* database.use("TranscriptSnapshots.putIfRunInScope", (sql) =>
+          sql<Array<{ id: string }>>`
+            insert into agent_transcript_snapshots
+              (organization_id, agent_id, conversation_id, run_id, snapshot_jsonl, byte_size, terminal_status)
+            select organization_id, agent_id, conversation_id, id,
+                   ${input.snapshotJsonl}, ${Buffer.byteLength(input.snapshotJsonl, "utf8")}, ${input.terminalStatus}
+              from runs
+             where id = ${input.runId} and organization_id = ${scope.organizationId}
+               and agent_id = ${scope.agentId} and conversation_id = ${scope.conversationId}
+            on conflict (organization_id, agent_id, conversation_id, run_id) do nothing
+            returning id::text`)
+        const row = rows[0]
+        return row === undefined ? Option.none() : Option.some({ id: Number(row.id) })
+      })
+
       const latest = Effect.fn("TranscriptSnapshots.latest")(function*(scope: SnapshotScope) {
         const rows = yield* database.use("TranscriptSnapshots.latest", (sql) =>
           sql<Array<{ snapshot_jsonl: string }>>`
@@ -121,7 +149,7 @@ export class TranscriptSnapshots extends Context.Service<TranscriptSnapshots, {
         return { deleted: rows.count }
       })
 
-      return TranscriptSnapshots.of({ put, latest, reset })
+      return TranscriptSnapshots.of({ put, putIfRunInScope, latest, reset })
     })
   )
 }

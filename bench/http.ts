@@ -1,0 +1,278 @@
+/**
+ * The HTTP service, measured against bare baselines in the same process and run:
+ *
+ * - snapshot POST throughput (1 KB and 600 KB bodies) vs a bare `node:http` server that reads the same
+ *   body and answers 200. The runlane side does everything a real upload does: token verification,
+ *   size and field checks, the ownership lookup and the insert (each request a fresh run).
+ * - `GET latest` median latency vs one `SELECT 1` round trip from postgres.js.
+ *
+ * The client is Node's `http` with keep-alive connections, CONCURRENCY requests in flight, in this same
+ * process for both sides; the two sides alternate in rounds.
+ */
+import { Agent, createServer, request as httpRequest, type Server, type ServerResponse } from "node:http"
+import { webcrypto } from "node:crypto"
+import { jwtVerify } from "jose"
+import { Effect, Layer, Redacted } from "effect"
+import { HttpServer } from "effect/http"
+import postgres from "postgres"
+import { Database } from "../src/db/Database.ts"
+import { Migrator } from "../src/db/Migrator.ts"
+import { httpServerLayer } from "../src/http/server.ts"
+import { ConversationLocks } from "../src/locks/ConversationLocks.ts"
+import { RunOwnership } from "../src/ownership/RunOwnership.ts"
+import { WorkerTokens } from "../src/ownership/WorkerTokens.ts"
+import { RunsQueue } from "../src/runs/RunsQueue.ts"
+import { TranscriptSnapshots } from "../src/snapshots/TranscriptSnapshots.ts"
+import { type BenchResult, median, now } from "./harness.ts"
+
+const concurrency = 16
+const secret = Redacted.make("bench-secret-bench-secret-bench-secret-0123")
+
+interface Prepared {
+  readonly path: string
+  readonly method: string
+  readonly headers: Record<string, string>
+  readonly body: Buffer | undefined
+}
+
+const send = (agent: Agent, port: number, prepared: Prepared): Promise<number> =>
+  new Promise((resolve, reject) => {
+    const req = httpRequest(
+      { agent, host: "127.0.0.1", port, path: prepared.path, method: prepared.method, headers: prepared.headers },
+      (res) => {
+        res.resume()
+        res.on("end", () => resolve(res.statusCode ?? 0))
+      }
+    )
+    req.on("error", reject)
+    req.end(prepared.body)
+  })
+
+/** Sends every request with `concurrency` in flight; answers requests per second. Any non-200 aborts. */
+const throughput = async (agent: Agent, port: number, requests: ReadonlyArray<Prepared>): Promise<number> => {
+  let next = 0
+  const started = now()
+  await Promise.all(Array.from({ length: concurrency }, async () => {
+    while (next < requests.length) {
+      const status = await send(agent, port, requests[next++]!)
+      if (status !== 200) throw new Error(`benchmark request answered ${status}`)
+    }
+  }))
+  return requests.length / ((now() - started) / 1000)
+}
+
+const bareServer = (): Promise<Server> =>
+  new Promise((resolve) => {
+    const server = createServer((req, res) => {
+      const chunks: Array<Buffer> = []
+      req.on("data", (chunk: Buffer) => chunks.push(chunk))
+      req.on("end", () => {
+        Buffer.concat(chunks)
+        res.writeHead(200, { "content-type": "application/json" })
+        res.end("{\"id\":1}")
+      })
+    })
+    server.listen(0, "127.0.0.1", () => resolve(server))
+  })
+
+/**
+ * The same upload written by hand on node:http, jose and postgres.js: token verified with the same
+ * options, the same field checks, the same one-statement ownership-checked insert. It shows what the
+ * layers runlane adds (Effect's HTTP server, typed errors, metrics) cost over the work itself.
+ */
+const handWrittenServer = (sql: postgres.Sql, key: webcrypto.CryptoKey): Promise<Server> =>
+  new Promise((resolve) => {
+    const answer = (res: ServerResponse, status: number, body: unknown) => {
+      res.writeHead(status, { "content-type": "application/json" })
+      res.end(JSON.stringify(body))
+    }
+    const server = createServer((req, res) => {
+      const chunks: Array<Buffer> = []
+      req.on("data", (chunk: Buffer) => chunks.push(chunk))
+      req.on("end", async () => {
+        try {
+          const { payload } = await jwtVerify((req.headers.authorization ?? "").slice(7), key, {
+            algorithms: ["HS256"],
+            issuer: "runlane",
+            audience: "runlane-worker",
+            clockTolerance: 30
+          })
+          const body = JSON.parse(Buffer.concat(chunks).toString("utf8"))
+          if (typeof body.snapshotJsonl !== "string" || body.snapshotJsonl === "" || payload["run"] !== body.runId) {
+            return answer(res, 400, { error: "bad" })
+          }
+          const rows = await sql`
+            insert into agent_transcript_snapshots
+              (organization_id, agent_id, conversation_id, run_id, snapshot_jsonl, byte_size, terminal_status)
+            select organization_id, agent_id, conversation_id, id,
+                   ${body.snapshotJsonl}, ${Buffer.byteLength(body.snapshotJsonl)}, ${body.terminalStatus}
+              from runs
+             where id = ${body.runId} and organization_id = ${payload["org"] as string}
+               and agent_id = ${payload["agent"] as string} and conversation_id = ${payload["conv"] as string}
+            on conflict (organization_id, agent_id, conversation_id, run_id) do nothing
+            returning id::text`
+          answer(res, rows.length === 1 ? 200 : 409, { id: Number(rows[0]?.id) })
+        } catch {
+          answer(res, 401, { error: "Invalid token" })
+        }
+      })
+    })
+    server.listen(0, "127.0.0.1", () => resolve(server))
+  })
+
+export const httpBenchmarks = (url: string): Effect.Effect<ReadonlyArray<BenchResult>, unknown> =>
+  Effect.gen(function*() {
+    const runlaneServer = yield* HttpServer.HttpServer
+    const address = runlaneServer.address
+    if (address._tag !== "InetAddressV4") return yield* Effect.die("expected an IPv4 address")
+    const runlanePort = address.port
+    const bare = yield* Effect.acquireRelease(Effect.promise(bareServer), (server) =>
+      Effect.promise(() => new Promise<void>((resolve) => server.close(() => resolve()))))
+    const barePort = (bare.address() as { port: number }).port
+    const handSql = yield* Effect.acquireRelease(
+      Effect.sync(() => postgres(url, { max: 20, onnotice: () => {} })),
+      (sql) => Effect.promise(() => sql.end({ timeout: 5 }))
+    )
+    const key = yield* Effect.promise(() =>
+      crypto.subtle.importKey("raw", new TextEncoder().encode(Redacted.value(secret)), { name: "HMAC", hash: "SHA-256" }, false, ["verify"]))
+    const hand = yield* Effect.acquireRelease(Effect.promise(() => handWrittenServer(handSql, key)), (server) =>
+      Effect.promise(() => new Promise<void>((resolve) => server.close(() => resolve()))))
+    const handPort = (hand.address() as { port: number }).port
+    const agent = yield* Effect.acquireRelease(
+      Effect.sync(() => new Agent({ keepAlive: true, maxSockets: concurrency })),
+      (agent) => Effect.sync(() => agent.destroy())
+    )
+    const queue = yield* RunsQueue
+    const tokens = yield* WorkerTokens
+    const scope = { organizationId: "bench-org", agentId: "bench-agent", conversationId: "bench-conv" }
+
+    const uploads = (count: number, snapshotBytes: number) =>
+      Effect.gen(function*() {
+        const line = JSON.stringify({ type: "message", text: "x".repeat(Math.max(0, snapshotBytes - 30)) }) + "\n"
+        const runs = yield* queue.sendMany(Array.from({ length: count }, () => ({ queue: "bench", ...scope, payload: {} })))
+        const prepared: Array<Prepared> = []
+        for (const { id } of runs) {
+          const token = yield* tokens.mintRunToken(scope, id)
+          const body = Buffer.from(JSON.stringify({ runId: id, terminalStatus: "completed", snapshotJsonl: line }))
+          prepared.push({
+            path: "/worker/transcript/snapshot",
+            method: "POST",
+            headers: { authorization: `Bearer ${token}`, "content-type": "application/json", "content-length": String(body.length) },
+            body
+          })
+        }
+        return prepared
+      })
+
+    const results: Array<BenchResult> = []
+    const postCases = [
+      { name: "snapshot POST 1 KB", bytes: 1024, perRound: 2_000, rounds: 5 },
+      { name: "snapshot POST 600 KB", bytes: 600 * 1024, perRound: 40, rounds: 5 }
+    ]
+    for (const { name, bytes, perRound, rounds } of postCases) {
+      // Warm-up on every side (JIT, connections, prepared statements): steady state is what is compared.
+      for (let i = 0; i < 3; i++) {
+        const warm = yield* uploads(perRound, bytes)
+        yield* Effect.promise(() => throughput(agent, runlanePort, warm))
+        yield* Effect.promise(() => throughput(agent, barePort, warm))
+        const handWarm = yield* uploads(perRound, bytes)
+        yield* Effect.promise(() => throughput(agent, handPort, handWarm))
+      }
+      const seconds = { runlane: 0, bare: 0, hand: 0 }
+      for (let round = 0; round < rounds; round++) {
+        const batch = yield* uploads(perRound, bytes)
+        const handBatch = yield* uploads(perRound, bytes)
+        seconds.runlane += perRound / (yield* Effect.promise(() => throughput(agent, runlanePort, batch)))
+        seconds.bare += perRound / (yield* Effect.promise(() => throughput(agent, barePort, batch)))
+        seconds.hand += perRound / (yield* Effect.promise(() => throughput(agent, handPort, handBatch)))
+      }
+      const requests = perRound * rounds
+      const ours = requests / seconds.runlane
+      const bareRate = requests / seconds.bare
+      const handRate = requests / seconds.hand
+      results.push({
+        name,
+        value: ours,
+        unit: "req/s",
+        baseline: bareRate,
+        ratio: ours / bareRate,
+        note: `vs bare node:http that only reads the body; ${concurrency} in flight`
+      }, {
+        name: `${name}, vs hand-written`,
+        value: ours,
+        unit: "req/s",
+        baseline: handRate,
+        ratio: ours / handRate,
+        note: "vs node:http + jose + postgres.js doing the same checks and insert"
+      })
+    }
+
+    // GET latest: sequential requests, median latency, vs a SELECT 1 round trip.
+    const { runId, token } = yield* Effect.gen(function*() {
+      const { id } = yield* queue.send({ queue: "bench", ...scope, conversationId: "bench-get", payload: {} })
+      return { runId: id, token: yield* tokens.mintRunToken({ ...scope, conversationId: "bench-get" }, id) }
+    })
+    const snapshots = yield* TranscriptSnapshots
+    yield* snapshots.put({ ...scope, conversationId: "bench-get" }, {
+      runId,
+      terminalStatus: "completed",
+      snapshotJsonl: JSON.stringify({ type: "message", text: "x".repeat(1000) }) + "\n"
+    })
+    const getLatest: Prepared = {
+      path: "/worker/transcript/snapshot",
+      method: "GET",
+      headers: { authorization: `Bearer ${token}` },
+      body: undefined
+    }
+    const sql = yield* Effect.acquireRelease(
+      Effect.sync(() => postgres(url, { max: 1, onnotice: () => {} })),
+      (sql) => Effect.promise(() => sql.end({ timeout: 5 }))
+    )
+    const getTimes: Array<number> = []
+    const selectTimes: Array<number> = []
+    yield* Effect.promise(async () => {
+      for (let i = 0; i < 300; i++) {
+        await send(agent, runlanePort, getLatest)
+        await sql`select 1`
+      }
+      for (let round = 0; round < 10; round++) {
+        for (let i = 0; i < 200; i++) {
+          const started = now()
+          const status = await send(agent, runlanePort, getLatest)
+          getTimes.push(now() - started)
+          if (status !== 200) throw new Error(`GET latest answered ${status}`)
+        }
+        for (let i = 0; i < 200; i++) {
+          const started = now()
+          await sql`select 1`
+          selectTimes.push(now() - started)
+        }
+      }
+    })
+    const getMedian = median(getTimes)
+    const selectMedian = median(selectTimes)
+    results.push({
+      name: "GET latest snapshot, median",
+      value: getMedian,
+      unit: "ms",
+      baseline: selectMedian,
+      ratio: selectMedian / getMedian,
+      note: "baseline: one SELECT 1 round trip from postgres.js; ratio = baseline / runlane"
+    })
+    return results
+  }).pipe(
+    Effect.scoped,
+    Effect.provide(
+      httpServerLayer({ port: 0, host: "127.0.0.1" }).pipe(
+        Layer.provideMerge(Layer.mergeAll(
+          Migrator.layer,
+          ConversationLocks.layerWith({ cap: 1 }),
+          RunsQueue.layer,
+          RunOwnership.layer,
+          TranscriptSnapshots.layer,
+          WorkerTokens.layerWith({ secret })
+        )),
+        Layer.provideMerge(Database.layerWith({ url: Redacted.make(url), poolMax: 20 }))
+      )
+    )
+  )
