@@ -207,6 +207,34 @@ layer(testServerLayer(), { excludeTestServices: true })("snapshot routes over HT
       assert.strictEqual(yield* storedFor(other.runId), 0)
     }))
 
+  it.effect("a legacy run without scope columns is owned through its action_input object (a JSON-string row cannot exist here)", () =>
+    Effect.gen(function*() {
+      const { sql } = yield* Database
+      const tokens = yield* WorkerTokens
+      const scope = scopeOf("c-legacy")
+      const payload = { agentId: scope.agentId, conversationId: scope.conversationId }
+      const rows = yield* Effect.promise(() =>
+        sql<Array<{ id: string }>>`
+          insert into runs (organization_id, queue, action_input)
+          values (${scope.organizationId}, 'messages', ${JSON.stringify(payload)}::jsonb),
+                 (${scope.organizationId}, 'messages', to_jsonb(${JSON.stringify(payload)}::text))
+          returning id::text`
+      ).pipe(Effect.catchDefect(() => Effect.succeed([] as Array<{ id: string }>)))
+      assert.strictEqual(rows.length, 0, "the jsonb object CHECK refuses a JSON string row")
+      const [legacy] = yield* Effect.promise(() =>
+        sql<Array<{ id: string }>>`
+          insert into runs (organization_id, queue, action_input)
+          values (${scope.organizationId}, 'messages', ${JSON.stringify(payload)}::jsonb) returning id::text`)
+      const runId = Number(legacy!.id)
+      const token = yield* tokens.mintRunToken(scope, runId)
+      const first = yield* upload(token, { runId, terminalStatus: "completed", snapshotJsonl: "legacy\n" })
+      assert.strictEqual(first.status, 200)
+      assert.strictEqual((yield* upload(token, { runId, terminalStatus: "completed", snapshotJsonl: "again\n" })).status, 409)
+      const stranger = yield* tokens.mintRunToken(scopeOf("c-not-legacy"), runId)
+      assert.strictEqual((yield* upload(stranger, { runId, terminalStatus: "completed", snapshotJsonl: "x\n" })).status, 403)
+      assert.strictEqual(yield* storedFor(runId), 1)
+    }))
+
   it.effect("two concurrent POSTs for one run: exactly one 200 and one 409, one row", () =>
     Effect.gen(function*() {
       for (let round = 0; round < 5; round++) {
