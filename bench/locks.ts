@@ -43,7 +43,8 @@ export const lockBenchmarks = (url: string): Effect.Effect<ReadonlyArray<BenchRe
     const cycle = Effect.scoped(locks.acquire(key))
     const results: Array<BenchResult> = []
 
-    // One acquire-then-release cycle, rounds of 200 per side, alternating which side goes first.
+    // One acquire-then-release cycle, rounds of 200 per side, alternating which side goes first, after
+    // 3,000 unmeasured cycles per side: the JIT needs that many before runlane's path reaches steady state.
     {
       const perRound = 200
       const libTimes: Array<number> = []
@@ -57,6 +58,10 @@ export const lockBenchmarks = (url: string): Effect.Effect<ReadonlyArray<BenchRe
         const start = now()
         for (let i = 0; i < perRound; i++) await handWritten(hash)
         return now() - start
+      })
+      for (let i = 0; i < 3_000; i++) yield* cycle
+      yield* Effect.promise(async () => {
+        for (let i = 0; i < 3_000; i++) await handWritten(hash)
       })
       for (let round = 0; round < 24; round++) {
         const [lib, rawTime] = round % 2 === 0

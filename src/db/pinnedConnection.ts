@@ -37,6 +37,8 @@ export type IdentifiedRow = { readonly pid: number } & Readonly<Record<string, u
  */
 export type FirstQuery = (sql: postgres.ReservedSql, token: string) => postgres.PendingQuery<Array<IdentifiedRow>>
 
+const ignore = (): undefined => undefined
+
 const identifyOnly: FirstQuery = (sql, token) =>
   sql<Array<IdentifiedRow>>`select ${token}::text as token, pg_backend_pid() as pid`
 
@@ -54,8 +56,7 @@ export class PinnedConnection {
    * was given (no extra statement), otherwise a bare `select pg_backend_pid()`.
    */
   readonly firstRows: Promise<ReadonlyArray<IdentifiedRow>>
-  /** Settles when the identifying query has answered. */
-  readonly ready: Promise<void>
+  private readyPromise: Promise<void> | undefined = undefined
 
   constructor(
     private readonly reserved: postgres.ReservedSql,
@@ -63,10 +64,17 @@ export class PinnedConnection {
     first: FirstQuery = identifyOnly
   ) {
     this.firstRows = this.identify(first)
-    this.ready = this.firstRows.then(() => undefined)
-    // Observed by whoever awaits them; a pinned connection abandoned early must not surface them.
-    this.firstRows.catch(() => undefined)
-    this.ready.catch(() => undefined)
+    // Observed by whoever awaits it; a pinned connection abandoned early must not surface it.
+    this.firstRows.catch(ignore)
+  }
+
+  /** Settles when the identifying query has answered (made on first use: every promise reaction costs). */
+  get ready(): Promise<void> {
+    if (this.readyPromise === undefined) {
+      this.readyPromise = this.firstRows.then(ignore)
+      this.readyPromise.catch(ignore)
+    }
+    return this.readyPromise
   }
 
   /** true once postgres.js has seen the connection close; the session and its locks are gone. */
@@ -147,19 +155,30 @@ export class PinnedConnection {
     const token = `${tokenPrefix}${randomUUID()}`
     this.tracker.expect(token, this)
     return this.query((sql) => {
-      const query = first(sql, token)
       // postgres.js copies the pool's `debug` option onto each reserved handle, and with it set every
-      // query captures a stack trace (~50 µs). Only the pool's connection-level hook is needed here,
-      // so turn the per-query capture off for this handle (query.handler is the handle's dispatcher).
+      // query captures a stack trace (`new Error()` in its constructor, tens of µs). Only the pool's
+      // connection-level hook is needed here: this first query is built without stack capture, and
+      // the capture is then turned off for the handle (query.handler is the handle's dispatcher).
+      const stackTraceLimit = Error.stackTraceLimit
+      Error.stackTraceLimit = 0
+      let query: ReturnType<FirstQuery>
+      try {
+        query = first(sql, token)
+      } finally {
+        Error.stackTraceLimit = stackTraceLimit
+      }
       const handler = (query as unknown as { handler?: { debug?: unknown } }).handler
       if (handler !== undefined) handler.debug = false
       return query
     })
       .then((rows) => {
+        this.tracker.unexpect(token)
         this.pid = rows[0]!.pid
         return rows
+      }, (error: unknown) => {
+        this.tracker.unexpect(token)
+        throw error
       })
-      .finally(() => this.tracker.unexpect(token))
   }
 }
 

@@ -300,47 +300,59 @@ const make = Effect.fnUntraced(function*(database: Database["Service"], options:
   const lockAnswer = (pinned: PinnedConnection): Promise<boolean> =>
     withinMs(pinned.firstRows.then((rows) => rows[0]?.["locked"] === true), reserveTimeoutMs)
 
-  const unlockWithRetries = async (session: LockSession): Promise<UnlockOutcome> => {
-    let lastError: unknown = undefined
-    for (let attempt = 0; attempt <= unlockBackoffMs.length; attempt++) {
-      if (attempt > 0) await new Promise((resolve) => setTimeout(resolve, unlockBackoffMs[attempt - 1]))
-      if (session.lost || session.pinned.closed) return "session gone"
+  const unlockOnce = (session: LockSession): Promise<UnlockOutcome> =>
+    withinMs(
+      session.pinned.query((sql) =>
+        sql<Array<{ unlocked: boolean }>>`select pg_advisory_unlock(${namespace}::int4, ${session.hash}::int4) as unlocked`),
+      finalizerQueryTimeoutMs
+    ).then(([row]) => row?.unlocked === true ? "unlocked" : "not held")
+
+  /** The first attempt without any async frame (the common case); retries only after a failure. */
+  const unlockWithRetries = (session: LockSession): Promise<UnlockOutcome> =>
+    unlockOnce(session).catch(async (firstError: unknown): Promise<UnlockOutcome> => {
+      let lastError = firstError
+      for (const backoffMs of unlockBackoffMs) {
+        await new Promise((resolve) => setTimeout(resolve, backoffMs))
+        if (session.lost || session.pinned.closed) return "session gone"
+        try {
+          return await unlockOnce(session)
+        } catch (error) {
+          lastError = error
+        }
+      }
+      return { failed: lastError }
+    })
+
+  /** Returns the connection only if the session is known to hold nothing, otherwise ends the session. */
+  const settleConnection = (session: LockSession, unlock: UnlockOutcome): SessionEnd | Promise<SessionEnd> => {
+    pinnedInUse.delete(session.pinned)
+    const holdsNothing = session.pinned.closed || session.locked === "no" || unlock === "unlocked"
+    if (holdsNothing) {
       try {
-        const [row] = await withinMs(
-          session.pinned.query((sql) =>
-            sql<Array<{ unlocked: boolean }>>`select pg_advisory_unlock(${namespace}::int4, ${session.hash}::int4) as unlocked`),
-          finalizerQueryTimeoutMs
-        )
-        return row?.unlocked === true ? "unlocked" : "not held"
-      } catch (error) {
-        lastError = error
+        session.pinned.release()
+        return { unlock, connection: "released" }
+      } catch (releaseFailed) {
+        return { unlock, connection: { releaseFailed } }
       }
     }
-    return { failed: lastError }
+    return session.pinned.destroy(database.terminateBackend, finalizerQueryTimeoutMs).then((closed) => ({
+      unlock,
+      connection: closed ? "destroyed" : "destroy unconfirmed"
+    }))
   }
 
   /**
    * Step 5: unlock (unless the session is gone), then return the connection only if the session is
    * known to hold nothing, otherwise end the session. Never rejects; the outcome says what happened.
    */
-  const endSession = (session: LockSession): Promise<SessionEnd> =>
-    session.ending ??= (async (): Promise<SessionEnd> => {
-      const unlock: UnlockOutcome = session.locked === "yes"
-        ? (session.lost || session.pinned.closed ? "session gone" : await unlockWithRetries(session))
-        : "not needed"
-      pinnedInUse.delete(session.pinned)
-      const holdsNothing = session.pinned.closed || session.locked === "no" || unlock === "unlocked"
-      if (holdsNothing) {
-        try {
-          session.pinned.release()
-          return { unlock, connection: "released" }
-        } catch (releaseFailed) {
-          return { unlock, connection: { releaseFailed } }
-        }
-      }
-      const closed = await session.pinned.destroy(database.terminateBackend, finalizerQueryTimeoutMs)
-      return { unlock, connection: closed ? "destroyed" : "destroy unconfirmed" }
-    })()
+  const endSession = (session: LockSession): Promise<SessionEnd> => {
+    if (session.ending !== undefined) return session.ending
+    const needsUnlock = session.locked === "yes" && !session.lost && !session.pinned.closed
+    session.ending = needsUnlock
+      ? unlockWithRetries(session).then((unlock) => settleConnection(session, unlock))
+      : Promise.resolve(settleConnection(session, session.locked === "yes" ? "session gone" : "not needed"))
+    return session.ending
+  }
 
   const hasProblems = (end: SessionEnd): boolean =>
     end.unlock === "not held" || typeof end.unlock === "object" ||
