@@ -18,6 +18,12 @@ import { randomUUID } from "node:crypto"
 import type postgres from "postgres"
 
 const tokenPrefix = "runlane-pin:"
+/**
+ * Tokens are this process's random part plus a counter: unique per pin, and unguessable to anyone
+ * who could put text into another query's first parameter. Cheaper than a UUID per pin.
+ */
+const processTokenSecret = randomUUID()
+let tokenCounter = 0
 
 /** Raised instead of touching a pinned connection that is known to be closed. */
 export class PinnedConnectionClosed extends Error {
@@ -38,6 +44,13 @@ export type IdentifiedRow = { readonly pid: number } & Readonly<Record<string, u
 export type FirstQuery = (sql: postgres.ReservedSql, token: string) => postgres.PendingQuery<Array<IdentifiedRow>>
 
 const ignore = (): undefined => undefined
+
+/**
+ * A postgres.js query is already a Promise (a subclass whose `then` sends it); wrapping it in
+ * Promise.resolve would add microtask hops. Callers attach a reaction at once, which sends it.
+ */
+const asPromise = <A>(value: PromiseLike<A>): Promise<A> =>
+  value instanceof Promise ? (value as Promise<A>) : Promise.resolve(value)
 
 const identifyOnly: FirstQuery = (sql, token) =>
   sql<Array<IdentifiedRow>>`select ${token}::text as token, pg_backend_pid() as pid`
@@ -91,6 +104,12 @@ export class PinnedConnection {
     return this.isClosed ? Promise.resolve() : new Promise((resolve) => this.closeWaiters.push(resolve))
   }
 
+  /** Calls `listener` once when the connection closes (at once if it already has); no promise involved. */
+  onClosed(listener: () => void): void {
+    if (this.isClosed) listener()
+    else this.closeWaiters.push(listener)
+  }
+
   /** Called by the tracker, synchronously from postgres.js's close handler. */
   markClosed(): void {
     if (this.isClosed) return
@@ -105,13 +124,13 @@ export class PinnedConnection {
    */
   query<A>(f: (sql: postgres.ReservedSql) => PromiseLike<A>): Promise<A> {
     if (this.isClosed || this.isReleased) return Promise.reject(new PinnedConnectionClosed(this.pid))
-    return Promise.resolve(f(this.reserved))
+    return asPromise(f(this.reserved))
   }
 
   /** `query` for destroy, which runs after the connection is already marked released. */
   private reservedQuery<A>(f: (sql: postgres.ReservedSql) => PromiseLike<A>): Promise<A> {
     if (this.isClosed) return Promise.reject(new PinnedConnectionClosed(this.pid))
-    return Promise.resolve(f(this.reserved))
+    return asPromise(f(this.reserved))
   }
 
   /** Returns a healthy connection to the pool. At most once; a closed connection is already back. */
@@ -152,7 +171,7 @@ export class PinnedConnection {
 
   /** The identifying query: learns the backend pid and, through the debug hook, the connection id. */
   private identify(first: FirstQuery): Promise<ReadonlyArray<IdentifiedRow>> {
-    const token = `${tokenPrefix}${randomUUID()}`
+    const token = `${tokenPrefix}${processTokenSecret}:${++tokenCounter}`
     this.tracker.expect(token, this)
     return this.query((sql) => {
       // postgres.js copies the pool's `debug` option onto each reserved handle, and with it set every
@@ -186,7 +205,9 @@ export class PinnedConnection {
 export const withinMs = <A>(promise: PromiseLike<A>, ms: number): Promise<A> =>
   new Promise((resolve, reject) => {
     const timer = setTimeout(() => reject(new Error(`timed out after ${ms} ms`)), ms)
-    Promise.resolve(promise).then(
+    // `then` directly, not Promise.resolve(promise).then: a postgres.js query is a Promise subclass, and
+    // adopting it would cost extra microtask hops on every lock and unlock.
+    promise.then(
       (value) => {
         clearTimeout(timer)
         resolve(value)

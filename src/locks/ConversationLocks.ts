@@ -307,21 +307,20 @@ const make = Effect.fnUntraced(function*(database: Database["Service"], options:
       finalizerQueryTimeoutMs
     ).then(([row]) => row?.unlocked === true ? "unlocked" : "not held")
 
-  /** The first attempt without any async frame (the common case); retries only after a failure. */
-  const unlockWithRetries = (session: LockSession): Promise<UnlockOutcome> =>
-    unlockOnce(session).catch(async (firstError: unknown): Promise<UnlockOutcome> => {
-      let lastError = firstError
-      for (const backoffMs of unlockBackoffMs) {
-        await new Promise((resolve) => setTimeout(resolve, backoffMs))
-        if (session.lost || session.pinned.closed) return "session gone"
-        try {
-          return await unlockOnce(session)
-        } catch (error) {
-          lastError = error
-        }
+  /** After a failed first attempt: more attempts with backoff, unless the session is gone meanwhile. */
+  const retryUnlock = async (session: LockSession, firstError: unknown): Promise<UnlockOutcome> => {
+    let lastError = firstError
+    for (const backoffMs of unlockBackoffMs) {
+      await new Promise((resolve) => setTimeout(resolve, backoffMs))
+      if (session.lost || session.pinned.closed) return "session gone"
+      try {
+        return await unlockOnce(session)
+      } catch (error) {
+        lastError = error
       }
-      return { failed: lastError }
-    })
+    }
+    return { failed: lastError }
+  }
 
   /** Returns the connection only if the session is known to hold nothing, otherwise ends the session. */
   const settleConnection = (session: LockSession, unlock: UnlockOutcome): SessionEnd | Promise<SessionEnd> => {
@@ -349,7 +348,10 @@ const make = Effect.fnUntraced(function*(database: Database["Service"], options:
     if (session.ending !== undefined) return session.ending
     const needsUnlock = session.locked === "yes" && !session.lost && !session.pinned.closed
     session.ending = needsUnlock
-      ? unlockWithRetries(session).then((unlock) => settleConnection(session, unlock))
+      ? unlockOnce(session).then(
+        (unlock) => settleConnection(session, unlock),
+        (firstError: unknown) => retryUnlock(session, firstError).then((unlock) => settleConnection(session, unlock))
+      )
       : Promise.resolve(settleConnection(session, session.locked === "yes" ? "session gone" : "not needed"))
     return session.ending
   }
@@ -467,8 +469,8 @@ const make = Effect.fnUntraced(function*(database: Database["Service"], options:
       // A held lock must not keep the process alive on its own.
       timer.unref()
     }
-    void session.pinned.whenClosed().then(() => lose("the connection closed"))
     schedule()
+    session.pinned.onClosed(() => lose("the connection closed"))
     return () => {
       stopped = true
       clearTimeout(timer)

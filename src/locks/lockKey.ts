@@ -32,18 +32,22 @@ const fnv1a = (hash: number, bytes: Uint8Array): number => {
   return h
 }
 
-const lengthPrefix = (length: number): Uint8Array =>
-  new Uint8Array([(length >>> 24) & 0xff, (length >>> 16) & 0xff, (length >>> 8) & 0xff, length & 0xff])
+/** FNV-1a over the 4-byte big-endian length, without allocating the 4 bytes. */
+const fnv1aLength = (hash: number, length: number): number => {
+  let h = Math.imul(hash ^ ((length >>> 24) & 0xff), fnvPrime)
+  h = Math.imul(h ^ ((length >>> 16) & 0xff), fnvPrime)
+  h = Math.imul(h ^ ((length >>> 8) & 0xff), fnvPrime)
+  return Math.imul(h ^ (length & 0xff), fnvPrime)
+}
+
+const hashId = (hash: number, id: string): number => {
+  const bytes = encoder.encode(id)
+  return fnv1a(fnv1aLength(hash, bytes.length), bytes)
+}
 
 /** The second int4 of a conversation's advisory lock, as a signed 32-bit integer. */
-export const conversationLockHash = (key: ConversationKey): number => {
-  let hash = fnvOffsetBasis
-  for (const id of [key.organizationId, key.agentId, key.conversationId]) {
-    const bytes = encoder.encode(id)
-    hash = fnv1a(fnv1a(hash, lengthPrefix(bytes.length)), bytes)
-  }
-  return hash | 0
-}
+export const conversationLockHash = (key: ConversationKey): number =>
+  hashId(hashId(hashId(fnvOffsetBasis, key.organizationId), key.agentId), key.conversationId) | 0
 
 /** A valid int4 (PostgreSQL `integer`) namespace. */
 export const isLockNamespace = (value: number): boolean =>
