@@ -82,7 +82,10 @@ export const OrchestratorHealth = Schema.Struct({
   acquired_total: Schema.Number,
   busy_total: Schema.Number,
   cap_reached_total: Schema.Number,
-  lost_total: Schema.Number
+  lost_total: Schema.Number,
+  /** From pg_locks; null when the database did not answer within a second. */
+  held_in_database_by_this_process: Schema.NullOr(Schema.Number),
+  held_in_database: Schema.NullOr(Schema.Number)
 })
 
 export class HealthGroup extends HttpApiGroup.make("health", { topLevel: true }).add(

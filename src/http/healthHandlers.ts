@@ -2,7 +2,7 @@
  * GET /health, /health/ready, /health/orchestrator and /metrics. None needs a token (they are meant
  * for load balancers and scrapers); none reveals a tenant's data.
  */
-import { Effect } from "effect"
+import { Effect, Option } from "effect"
 import { HttpApiBuilder } from "effect/http-api"
 import { HttpServerResponse } from "effect/http"
 import { PrometheusMetrics } from "effect/observability"
@@ -12,6 +12,9 @@ import { ConversationLocks } from "../locks/ConversationLocks.ts"
 import { type RunCount, RunsQueue } from "../runs/RunsQueue.ts"
 import { lockMetricsText, runCountsText } from "./prometheusText.ts"
 import { RunlaneApi, Unavailable } from "./RunlaneApi.ts"
+
+/** /health/orchestrator answers without the pg_locks figures rather than wait longer than this. */
+export const orchestratorDatabaseTimeoutMs = 1_000
 
 /** Run counts read the whole runs table, so a scrape reuses an answer younger than this. */
 export const runCountsMaxAgeMs = 15_000
@@ -58,19 +61,30 @@ export const HealthHandlers = HttpApiBuilder.group(
           })
         ),
       orchestrator: () =>
-        Effect.map(locks.localUsage, (usage) => ({
-          status: "ok" as const,
-          reserved_conversation_locks: usage.held + usage.inFlight,
-          reserved_conversation_locks_cap: usage.cap,
-          near_cap: usage.nearCap,
-          held: usage.held,
-          in_flight: usage.inFlight,
-          oldest_hold_ms: usage.oldestHoldMs,
-          acquired_total: usage.acquired,
-          busy_total: usage.busy,
-          cap_reached_total: usage.capReached,
-          lost_total: usage.lost
-        })),
+        Effect.gen(function*() {
+          const usage = yield* locks.localUsage
+          // The local figures never wait on the database; the pg_locks ones are best effort.
+          const inDatabase = yield* locks.usage.pipe(
+            Effect.timeoutOption(orchestratorDatabaseTimeoutMs),
+            Effect.map(Option.getOrUndefined),
+            Effect.catch(() => Effect.succeed(undefined))
+          )
+          return {
+            status: "ok" as const,
+            reserved_conversation_locks: usage.held + usage.inFlight,
+            reserved_conversation_locks_cap: usage.cap,
+            near_cap: usage.nearCap,
+            held: usage.held,
+            in_flight: usage.inFlight,
+            oldest_hold_ms: usage.oldestHoldMs,
+            acquired_total: usage.acquired,
+            busy_total: usage.busy,
+            cap_reached_total: usage.capReached,
+            lost_total: usage.lost,
+            held_in_database_by_this_process: inDatabase?.heldInDatabaseByThisProcess ?? null,
+            held_in_database: inDatabase?.heldInDatabase ?? null
+          }
+        }),
       metrics: () =>
         Effect.gen(function*() {
           const usage = yield* locks.localUsage

@@ -61,11 +61,13 @@ layer(testServerLayer(), { excludeTestServices: true })("the HTTP service", (it)
         reserved_conversation_locks: 1,
         reserved_conversation_locks_cap: 3,
         near_cap: false,
-        held: 1
+        held: 1,
+        held_in_database_by_this_process: 1
       })
+      assert.isAtLeast(usage["held_in_database"] as number, 1)
       yield* Scope.close(scope, Exit.void)
       const after = (yield* call("GET", "/health/orchestrator")).json as Record<string, unknown>
-      assert.deepInclude(after, { reserved_conversation_locks: 0, acquired_total: 1 })
+      assert.deepInclude(after, { reserved_conversation_locks: 0, acquired_total: 1, held_in_database_by_this_process: 0 })
     }))
 
   it.effect("/metrics: lock gauges and counters, run counts by queue and status, HTTP counts and latencies", () =>
