@@ -11,7 +11,8 @@ import { Effect, Option, Predicate } from "effect"
 import { HttpApiBuilder } from "effect/http-api"
 import { HttpServerResponse } from "effect/http"
 import { RunOwnership } from "../ownership/RunOwnership.ts"
-import { checkSnapshot, maxSnapshotBytes, TranscriptSnapshots } from "../snapshots/TranscriptSnapshots.ts"
+import type { TerminalStatus } from "../schema/transcriptSnapshots.ts"
+import { checkSnapshot, maxSnapshotBytes, type PutSnapshot, TranscriptSnapshots } from "../snapshots/TranscriptSnapshots.ts"
 import { answerDatabaseFailure } from "./internalError.ts"
 import { parseJson, readBodyText } from "./requestBody.ts"
 import { BadRequest, Conflict, Forbidden, NotFound, PayloadTooLarge, RunlaneApi, WorkerIdentity } from "./RunlaneApi.ts"
@@ -53,10 +54,11 @@ export const SnapshotHandlers = HttpApiBuilder.group(
           if (!Predicate.isObject(body) || Array.isArray(body)) {
             return yield* new BadRequest({ error: "The body must be a JSON object" })
           }
+          // Unchecked until checkSnapshot below, which tests every field's type.
           const upload = body as Record<string, unknown>
-          const input = {
+          const input: PutSnapshot = {
             runId: upload["runId"] as number,
-            terminalStatus: upload["terminalStatus"] as "completed",
+            terminalStatus: upload["terminalStatus"] as TerminalStatus,
             snapshotJsonl: upload["snapshotJsonl"] as string
           }
           const invalid = checkSnapshot(input)
