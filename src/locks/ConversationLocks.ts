@@ -387,8 +387,14 @@ const make = Effect.fnUntraced(function*(database: Database["Service"], options:
     Effect.callback<LockSession, PoolExhausted | DatabaseError>((resume) => {
       let interrupted = false
       let pinned = false
-      let finish!: () => void
-      const finished = new Promise<void>((resolve) => (finish = resolve))
+      // Whether this attempt has settled everything it took; the promise exists only if an
+      // interruption has to wait for that (rare, so not allocated on every acquire).
+      let done = false
+      let wakeInterrupter: (() => void) | undefined
+      const finish = () => {
+        done = true
+        wakeInterrupter?.()
+      }
       // Interrupted after pinning: learn whether the lock was taken (bounded), then end accordingly.
       const abandon = (session: LockSession) =>
         lockAnswer(session.pinned)
@@ -443,7 +449,7 @@ const make = Effect.fnUntraced(function*(database: Database["Service"], options:
         // abandon() is false when the reservation has settled but its handler has not run yet; that
         // handler will see `interrupted` and finish.
         if (!pinned && pending.abandon()) finish()
-        return Effect.promise(() => finished)
+        return done ? Effect.void : Effect.promise(() => new Promise<void>((resolve) => (wakeInterrupter = resolve)))
       })
     })
 
@@ -487,29 +493,52 @@ const make = Effect.fnUntraced(function*(database: Database["Service"], options:
 
   /**
    * Step 5, then the count: stop the watchdog, end the session (unlock, then return or destroy the
-   * connection), and count down last, in a `finally` so nothing before it can skip it.
+   * connection), and count down last, on every path (a throw included), so nothing can skip it.
    */
   const release = (acquisition: Acquisition) =>
-    Effect.promise(async () => {
+    Effect.promise((): Promise<void> => {
+      const { slot, session } = acquisition
+      let ending: Promise<SessionEnd> | undefined
       try {
         acquisition.stopWatching?.()
-        if (acquisition.session === undefined) return
-        const end = await endSession(acquisition.session)
-        if (hasProblems(end)) runLog(reportEnd(end, acquisition.key, acquisition.session.pinned.pid))
-      } finally {
-        countDownSync(acquisition.slot)
+        ending = session === undefined ? undefined : endSession(session)
+      } catch (error) {
+        countDownSync(slot)
+        return Promise.reject(error)
       }
+      if (ending === undefined || session === undefined) {
+        countDownSync(slot)
+        return Promise.resolve()
+      }
+      // endSession never rejects; the count still comes down on either path, and before the report.
+      return ending.then((end) => {
+        countDownSync(slot)
+        if (hasProblems(end)) runLog(reportEnd(end, acquisition.key, session.pinned.pid))
+      }, (error: unknown) => {
+        countDownSync(slot)
+        throw error
+      })
     })
 
   const hold = (acquisition: Acquisition, session: LockSession): ConversationLock => {
     const { key, slot } = acquisition
     const backendPid = session.pinned.pid
-    const lost = Deferred.makeUnsafe<LockLost>()
+    // Made on first use: most holders never ask, and the lock cycle is a hot path.
+    let lost: Deferred.Deferred<LockLost> | undefined
+    let lossSeen: LockLost | undefined
+    const lostDeferred = () => {
+      if (lost === undefined) {
+        lost = Deferred.makeUnsafe<LockLost>()
+        if (lossSeen !== undefined) Deferred.doneUnsafe(lost, Effect.succeed(lossSeen))
+      }
+      return lost
+    }
     pinnedInUse.add(session.pinned)
     acquisition.stopWatching = watch(session, (reason) => {
       session.lost = true
       counters.lost++
-      Deferred.doneUnsafe(lost, Effect.succeed(new LockLost({ ...key, backendPid, reason })))
+      lossSeen = new LockLost({ ...key, backendPid, reason })
+      if (lost !== undefined) Deferred.doneUnsafe(lost, Effect.succeed(lossSeen))
       runLog(Effect.logWarning("Conversation lock lost").pipe(
         Effect.annotateLogs({ module: "runlane/ConversationLocks", ...key, backendPid, reason })
       ))
@@ -525,7 +554,7 @@ const make = Effect.fnUntraced(function*(database: Database["Service"], options:
       backendPid,
       acquiredAt: slot.acquiredAt,
       isLost: Effect.sync(() => session.lost),
-      awaitLost: Deferred.await(lost)
+      awaitLost: Effect.suspend(() => Deferred.await(lostDeferred()))
     }
   }
 
