@@ -4,7 +4,7 @@
  */
 import { createServer, type Server } from "node:http"
 import { NodeHttpServer } from "@effect/platform-node"
-import { Duration, Effect, Layer, Schema } from "effect"
+import { Duration, Effect, Layer, type Redacted, Schema } from "effect"
 import { HttpRouter, HttpServer, HttpServerResponse } from "effect/http"
 import { HttpApiBuilder } from "effect/http-api"
 import type { Database } from "../db/Database.ts"
@@ -15,10 +15,10 @@ import type { WorkerTokens } from "../ownership/WorkerTokens.ts"
 import type { RunsQueue } from "../runs/RunsQueue.ts"
 import type { TranscriptSnapshots } from "../snapshots/TranscriptSnapshots.ts"
 import { AdminHandlers } from "./adminHandlers.ts"
-import { AdminAuthLayer, WorkerAuthLayer } from "./authentication.ts"
+import { AdminAuthLayer, adminAuthLayerWith, WorkerAuthLayer } from "./authentication.ts"
 import { HealthHandlers } from "./healthHandlers.ts"
 import { recordHttpMetrics } from "./httpMetrics.ts"
-import { RunlaneApi } from "./RunlaneApi.ts"
+import { type AdminAuth, RunlaneApi } from "./RunlaneApi.ts"
 import { SnapshotHandlers } from "./snapshotHandlers.ts"
 
 /** The services the routes stand on. */
@@ -38,14 +38,18 @@ export const requestTimeoutMs = 120_000
 
 const notFound = HttpRouter.add("*", "*", HttpServerResponse.jsonUnsafe({ error: "Not found" }, { status: 404 }))
 
-/** Every route, including /openapi.json, answering JSON 404 for anything else. */
-export const RunlaneRoutes = Layer.mergeAll(
-  HttpApiBuilder.layer(RunlaneApi, { openapiPath: "/openapi.json" }),
-  notFound
-).pipe(
-  Layer.provide([SnapshotHandlers, HealthHandlers, AdminHandlers]),
-  Layer.provide([WorkerAuthLayer, AdminAuthLayer])
-)
+/** Every route, including /openapi.json, answering JSON 404 for anything else; admin auth as given. */
+const routesWith = <E>(adminAuth: Layer.Layer<AdminAuth, E>) =>
+  Layer.mergeAll(
+    HttpApiBuilder.layer(RunlaneApi, { openapiPath: "/openapi.json" }),
+    notFound
+  ).pipe(
+    Layer.provide([SnapshotHandlers, HealthHandlers, AdminHandlers]),
+    Layer.provide([WorkerAuthLayer, adminAuth])
+  )
+
+/** Every route, with the admin token from RUNLANE_ADMIN_TOKEN. */
+export const RunlaneRoutes = routesWith(AdminAuthLayer)
 
 export class HttpListenError extends Schema.TaggedError<HttpListenError>()("HttpListenError", {
   port: Schema.Number,
@@ -118,12 +122,23 @@ const drain = (server: Server | undefined) =>
     )
   )
 
+export interface FetchHandlerOptions {
+  /**
+   * The admin routes' bearer token; `undefined` turns them off (404). Omitted: RUNLANE_ADMIN_TOKEN,
+   * as in the service.
+   */
+  readonly adminToken?: Redacted.Redacted<string> | undefined
+}
+
 /**
  * The routes as a web `fetch` handler (`(request: Request) => Promise<Response>`), for mounting in
  * another framework. `services` supplies what the routes stand on; call `dispose` when done.
  */
-export const makeFetchHandler = <E>(services: Layer.Layer<RouteServices, E>) =>
+export const makeFetchHandler = <E>(services: Layer.Layer<RouteServices, E>, options: FetchHandlerOptions = {}) =>
   HttpRouter.toWebHandler(
-    RunlaneRoutes.pipe(Layer.provide(services), Layer.provide(HttpServer.layerServices)),
+    routesWith("adminToken" in options ? adminAuthLayerWith(options.adminToken) : AdminAuthLayer).pipe(
+      Layer.provide(services),
+      Layer.provide(HttpServer.layerServices)
+    ),
     { disableLogger: true, middleware: recordHttpMetrics }
   )

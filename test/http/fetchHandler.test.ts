@@ -21,13 +21,12 @@ const migrate = (url: string) =>
   )
 
 describe("the routes as a web fetch handler", () => {
-  it("answers in-process: health, admin off without RUNLANE_ADMIN_TOKEN, 401 without a token", async () => {
-    const { handler, dispose } = makeFetchHandler(routeServicesLayer())
+  it("answers in-process: health, admin routes off, 401 without a token", async () => {
+    const { handler, dispose } = makeFetchHandler(routeServicesLayer(), { adminToken: undefined })
     try {
       const health = await handler(new Request("http://runlane.test/health"))
       assert.strictEqual(health.status, 200)
       assert.deepStrictEqual(await health.json(), { status: "ok" })
-      // No RUNLANE_ADMIN_TOKEN in this process's environment, so admin routes are off.
       const admin = await handler(new Request("http://runlane.test/v1/runs", { method: "POST", body: "{}" }))
       assert.strictEqual(admin.status, 404)
       const unauthenticated = await handler(new Request("http://runlane.test/worker/transcript/snapshot"))
@@ -56,7 +55,8 @@ describe("readiness", () => {
       TranscriptSnapshots.layer,
       WorkerTokens.layerWith({ secret: Redacted.make(tokenSecret) })
     ).pipe(Layer.provideMerge(Database.layerWith({ url: Redacted.make(database.url), poolMax: 4 })))
-    const { handler, dispose } = makeFetchHandler(services)
+    const adminToken = "fetch-handler-admin-token"
+    const { handler, dispose } = makeFetchHandler(services, { adminToken: Redacted.make(adminToken) })
     try {
       const pending = await handler(new Request("http://runlane.test/health/ready"))
       assert.strictEqual(pending.status, 503)
@@ -82,6 +82,11 @@ describe("readiness", () => {
       assert.strictEqual(upload.status, 200, await upload.clone().text())
       const latest = await handler(new Request("http://runlane.test/worker/transcript/snapshot", { headers }))
       assert.strictEqual(await latest.text(), snapshot)
+      const minted = await handler(new Request(`http://runlane.test/v1/runs/${runId}/token`, {
+        method: "POST",
+        headers: { authorization: `Bearer ${adminToken}` }
+      }))
+      assert.strictEqual(minted.status, 200)
     } finally {
       await dispose()
     }
