@@ -26,7 +26,67 @@ export interface PendingPin {
    * Stops waiting: the promise then never settles, and a late connection goes straight back. Answers
    * false when the promise had already settled (its handlers will still run).
    */
-  readonly abandon: () => boolean
+  abandon(): boolean
+}
+
+/**
+ * One `pin` in flight: waits for `sql.reserve()` at most `timeoutMs`, then pins the connection in the
+ * very callback it arrives in (so the identifying query is written before postgres.js can process a
+ * close of that connection, see pinnedConnection.ts). A class rather than closures: pins are a hot
+ * path of conversation locks.
+ */
+class PendingReservation implements PendingPin {
+  readonly promise: Promise<PinnedConnection>
+  private settled = false
+  private timer: ReturnType<typeof setTimeout> | undefined = undefined
+  private resolve!: (pinned: PinnedConnection) => void
+  private reject!: (error: PoolExhausted | DatabaseError) => void
+
+  constructor(
+    sql: postgres.Sql,
+    tracker: ConnectionTracker,
+    timeoutMs: number,
+    poolMax: number,
+    first: FirstQuery | undefined
+  ) {
+    this.promise = new Promise<PinnedConnection>((resolve, reject) => {
+      this.resolve = resolve
+      this.reject = reject
+    })
+    this.timer = setTimeout(() => {
+      if (this.settle()) this.reject(new PoolExhausted({ timeoutMs, poolMax }))
+    }, timeoutMs)
+    sql.reserve().then(
+      (reserved) => {
+        // Nobody waits for it any more; it never ran a query, so it goes straight back.
+        if (!this.settle()) return releaseQuietly(reserved)
+        let pinned: PinnedConnection
+        try {
+          pinned = tracker.pin(reserved, first)
+        } catch (cause) {
+          // The first query could not even be built, so nothing was sent on the connection.
+          releaseQuietly(reserved)
+          return this.reject(DatabaseError.fromCause("Database.reserve", cause))
+        }
+        this.resolve(pinned)
+      },
+      (cause: unknown) => {
+        if (this.settle()) this.reject(DatabaseError.fromCause("Database.reserve", cause))
+      }
+    )
+  }
+
+  abandon(): boolean {
+    return this.settle()
+  }
+
+  /** true for the first caller only: the one that decides how the pin ends. */
+  private settle(): boolean {
+    if (this.settled) return false
+    this.settled = true
+    clearTimeout(this.timer)
+    return true
+  }
 }
 
 /** No pool connection became free for a pinned holder within the reserve timeout. */
@@ -151,41 +211,8 @@ const make = Effect.fnUntraced(function*(options: DatabaseOptions, client: postg
       await client.end({ timeout: 1 })
     }
   }
-  const pin = (timeoutMs: number, first?: FirstQuery): PendingPin => {
-    let settled = false
-    let settle!: (outcome: () => void) => void
-    const promise = new Promise<PinnedConnection>((resolve, reject) => {
-      settle = (outcome) => {
-        if (settled) return
-        settled = true
-        clearTimeout(timer)
-        outcome()
-      }
-      const timer = setTimeout(() => settle(() => reject(new PoolExhausted({ timeoutMs, poolMax }))), timeoutMs)
-      sql.reserve().then(
-        (reserved) => {
-          if (settled) {
-            // Nobody waits for it any more; it never ran a query, so it goes straight back.
-            releaseQuietly(reserved)
-            return
-          }
-          // Pinned in this very callback, so the identifying query is written before postgres.js can
-          // process a close of the connection (see pinnedConnection.ts).
-          const pinned = tracker.pin(reserved, first)
-          settle(() => resolve(pinned))
-        },
-        (cause: unknown) => settle(() => reject(DatabaseError.fromCause("Database.reserve", cause)))
-      )
-    })
-    return {
-      promise,
-      abandon: () => {
-        if (settled) return false
-        settle(() => undefined)
-        return true
-      }
-    }
-  }
+  const pin = (timeoutMs: number, first?: FirstQuery): PendingPin =>
+    new PendingReservation(sql, tracker, timeoutMs, poolMax, first)
   const reserve = (timeoutMs: number) =>
     Effect.callback<PinnedConnection, PoolExhausted | DatabaseError>((resume) => {
       let abandoned = false

@@ -213,6 +213,48 @@ interface Slot {
   acquiredAt: number
 }
 
+/**
+ * Keepalive of one held lock: a `select 1` every `keepaliveMs`; a failure, or the connection's close
+ * (reported through `lose`), ends it and calls `onLost` once. A class, so holding a lock creates no
+ * closures beyond the timer's.
+ */
+class Watchdog {
+  private stopped = false
+  private timer: ReturnType<typeof setTimeout> | undefined = undefined
+
+  constructor(
+    private readonly pinned: PinnedConnection,
+    private readonly keepaliveMs: number,
+    private readonly onLost: (reason: string) => void
+  ) {
+    this.schedule()
+  }
+
+  stop(): void {
+    this.stopped = true
+    clearTimeout(this.timer)
+  }
+
+  lose(reason: string): void {
+    if (this.stopped) return
+    this.stop()
+    this.onLost(reason)
+  }
+
+  private schedule(): void {
+    this.timer = setTimeout(() => {
+      withinMs(this.pinned.query((sql) => sql`select 1`), this.keepaliveMs).then(
+        () => {
+          if (!this.stopped) this.schedule()
+        },
+        () => this.lose(this.pinned.closed ? "the connection closed" : "keepalive failed")
+      )
+    }, this.keepaliveMs)
+    // A held lock must not keep the process alive on its own.
+    this.timer.unref()
+  }
+}
+
 /** One pinned connection and what is known of the lock on it. */
 interface LockSession {
   readonly pinned: PinnedConnection
@@ -222,6 +264,16 @@ interface LockSession {
   lost: boolean
   /** Memoized: ending a session twice must not release its connection twice. */
   ending: Promise<SessionEnd> | undefined
+}
+
+/** One acquire's steps 3 and 4 in flight. */
+interface Attempt {
+  interrupted: boolean
+  pinned: boolean
+  /** Everything this attempt took is settled. */
+  done: boolean
+  /** Set only when an interruption has to wait for `done` (rare, so no promise per attempt). */
+  wakeInterrupter: (() => void) | undefined
 }
 
 type UnlockOutcome = "not needed" | "unlocked" | "session gone" | "not held" | { readonly failed: unknown }
@@ -382,48 +434,47 @@ const make = Effect.fnUntraced(function*(database: Database["Service"], options:
    * when interrupted, it ends whatever it already pinned itself, and the interruption completes only
    * once that is done, so the count (a later finalizer) still comes down last.
    */
+  const finishAttempt = (attempt: Attempt) => {
+    attempt.done = true
+    attempt.wakeInterrupter?.()
+  }
+
+  /** Interrupted after pinning: learn whether the lock was taken (bounded), then end accordingly. */
+  const abandonAttempt = (attempt: Attempt, session: LockSession, key: ConversationKey) =>
+    lockAnswer(session.pinned)
+      .then((locked) => {
+        session.locked = locked ? "yes" : "no"
+      }, () => undefined)
+      .then(() => endSession(session))
+      .then((end) => {
+        runLog(reportEnd(end, key, session.pinned.pid))
+        finishAttempt(attempt)
+      })
+
+  // The hot path below creates no named closures: each one costs a name definition per call under
+  // loaders that keep function names (tsx, which `npm start` uses), measurable at lock-cycle rates.
   const pinAndLock = (hash: number, key: ConversationKey) =>
     // One-argument register: Effect then creates no AbortController, measurable at lock-cycle rates.
     Effect.callback<LockSession, PoolExhausted | DatabaseError>((resume) => {
-      let interrupted = false
-      let pinned = false
-      // Whether this attempt has settled everything it took; the promise exists only if an
-      // interruption has to wait for that (rare, so not allocated on every acquire).
-      let done = false
-      let wakeInterrupter: (() => void) | undefined
-      const finish = () => {
-        done = true
-        wakeInterrupter?.()
-      }
-      // Interrupted after pinning: learn whether the lock was taken (bounded), then end accordingly.
-      const abandon = (session: LockSession) =>
-        lockAnswer(session.pinned)
-          .then((locked) => {
-            session.locked = locked ? "yes" : "no"
-          }, () => undefined)
-          .then(() => endSession(session))
-          .then((end) => {
-            runLog(reportEnd(end, key, session.pinned.pid))
-            finish()
-          })
+      const attempt: Attempt = { interrupted: false, pinned: false, done: false, wakeInterrupter: undefined }
       const pending = database.pin(reserveTimeoutMs, tryLock(hash))
       pending.promise.then(
         (connection) => {
-          pinned = true
+          attempt.pinned = true
           const session: LockSession = { pinned: connection, hash, locked: "unknown", lost: false, ending: undefined }
-          if (interrupted) return void abandon(session)
+          if (attempt.interrupted) return void abandonAttempt(attempt, session, key)
           lockAnswer(connection).then(
             (locked) => {
               session.locked = locked ? "yes" : "no"
-              if (interrupted) return void abandon(session)
+              if (attempt.interrupted) return void abandonAttempt(attempt, session, key)
               if (locked) {
-                finish()
+                finishAttempt(attempt)
                 return resume(Effect.succeed(session))
               }
               // Busy: the session holds nothing, so the connection goes back before the caller hears.
               void endSession(session).then((end) => {
                 runLog(reportEnd(end, key, connection.pid))
-                finish()
+                finishAttempt(attempt)
                 resume(Effect.succeed(session))
               })
             },
@@ -431,56 +482,35 @@ const make = Effect.fnUntraced(function*(database: Database["Service"], options:
               // The lock may or may not have been taken: end the session, then report.
               void endSession(session).then((end) => {
                 runLog(reportEnd(end, key, connection.pid))
-                finish()
-                if (!interrupted) resume(Effect.fail(DatabaseError.fromCause("ConversationLocks.acquire", cause)))
+                finishAttempt(attempt)
+                if (!attempt.interrupted) resume(Effect.fail(DatabaseError.fromCause("ConversationLocks.acquire", cause)))
               })
             }
           )
         },
         (error: unknown) => {
-          finish()
-          if (!interrupted) resume(Effect.fail(error as PoolExhausted | DatabaseError))
+          finishAttempt(attempt)
+          if (!attempt.interrupted) resume(Effect.fail(error as PoolExhausted | DatabaseError))
         }
       )
       // On interruption: a pending reservation is abandoned (released on arrival); a pinned session is
       // ended first, so the interruption completes only when its connection is settled.
       return Effect.suspend(() => {
-        interrupted = true
+        attempt.interrupted = true
         // abandon() is false when the reservation has settled but its handler has not run yet; that
         // handler will see `interrupted` and finish.
-        if (!pinned && pending.abandon()) finish()
-        return done ? Effect.void : Effect.promise(() => new Promise<void>((resolve) => (wakeInterrupter = resolve)))
+        if (!attempt.pinned && pending.abandon()) finishAttempt(attempt)
+        return attempt.done
+          ? Effect.void
+          : Effect.promise(() => new Promise<void>((resolve) => (attempt.wakeInterrupter = resolve)))
       })
     })
 
   /** While held: the close of the connection is seen at once, a silent death within one keepalive. */
-  const watch = (session: LockSession, onLost: (reason: string) => void): (() => void) => {
-    let stopped = false
-    let timer: ReturnType<typeof setTimeout> | undefined
-    const lose = (reason: string) => {
-      if (stopped) return
-      stopped = true
-      clearTimeout(timer)
-      onLost(reason)
-    }
-    const schedule = () => {
-      timer = setTimeout(() => {
-        withinMs(session.pinned.query((sql) => sql`select 1`), keepaliveMs).then(
-          () => {
-            if (!stopped) schedule()
-          },
-          () => lose(session.pinned.closed ? "the connection closed" : "keepalive failed")
-        )
-      }, keepaliveMs)
-      // A held lock must not keep the process alive on its own.
-      timer.unref()
-    }
-    schedule()
-    session.pinned.onClosed(() => lose("the connection closed"))
-    return () => {
-      stopped = true
-      clearTimeout(timer)
-    }
+  const watch = (session: LockSession, onLost: (reason: string) => void): Watchdog => {
+    const watchdog = new Watchdog(session.pinned, keepaliveMs, onLost)
+    session.pinned.onClosed(() => watchdog.lose("the connection closed"))
+    return watchdog
   }
 
   /** What one acquire has taken so far; its single finalizer gives back exactly that. */
@@ -488,7 +518,7 @@ const make = Effect.fnUntraced(function*(database: Database["Service"], options:
     readonly slot: Slot
     readonly key: ConversationKey
     session: LockSession | undefined
-    stopWatching: (() => void) | undefined
+    watchdog: Watchdog | undefined
   }
 
   /**
@@ -500,7 +530,7 @@ const make = Effect.fnUntraced(function*(database: Database["Service"], options:
       const { slot, session } = acquisition
       let ending: Promise<SessionEnd> | undefined
       try {
-        acquisition.stopWatching?.()
+        acquisition.watchdog?.stop()
         ending = session === undefined ? undefined : endSession(session)
       } catch (error) {
         countDownSync(slot)
@@ -526,15 +556,8 @@ const make = Effect.fnUntraced(function*(database: Database["Service"], options:
     // Made on first use: most holders never ask, and the lock cycle is a hot path.
     let lost: Deferred.Deferred<LockLost> | undefined
     let lossSeen: LockLost | undefined
-    const lostDeferred = () => {
-      if (lost === undefined) {
-        lost = Deferred.makeUnsafe<LockLost>()
-        if (lossSeen !== undefined) Deferred.doneUnsafe(lost, Effect.succeed(lossSeen))
-      }
-      return lost
-    }
     pinnedInUse.add(session.pinned)
-    acquisition.stopWatching = watch(session, (reason) => {
+    acquisition.watchdog = watch(session, (reason) => {
       session.lost = true
       counters.lost++
       lossSeen = new LockLost({ ...key, backendPid, reason })
@@ -554,7 +577,13 @@ const make = Effect.fnUntraced(function*(database: Database["Service"], options:
       backendPid,
       acquiredAt: slot.acquiredAt,
       isLost: Effect.sync(() => session.lost),
-      awaitLost: Effect.suspend(() => Deferred.await(lostDeferred()))
+      awaitLost: Effect.suspend(() => {
+        if (lost === undefined) {
+          lost = Deferred.makeUnsafe<LockLost>()
+          if (lossSeen !== undefined) Deferred.doneUnsafe(lost, Effect.succeed(lossSeen))
+        }
+        return Deferred.await(lost)
+      })
     }
   }
 
@@ -567,7 +596,7 @@ const make = Effect.fnUntraced(function*(database: Database["Service"], options:
           agentId: key.agentId,
           conversationId: key.conversationId
         }
-        const acquisition: Acquisition = { slot, key: scopedKey, session: undefined, stopWatching: undefined }
+        const acquisition: Acquisition = { slot, key: scopedKey, session: undefined, watchdog: undefined }
         return Effect.addFinalizer(() => release(acquisition)).pipe(
           // Steps 3 and 4, interruptible.
           Effect.andThen(restore(pinAndLock(conversationLockHash(scopedKey), scopedKey))),
