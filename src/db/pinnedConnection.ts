@@ -20,7 +20,7 @@ import type postgres from "postgres"
 const tokenPrefix = "runlane-pin:"
 /**
  * Tokens are this process's random part plus a counter: unique per pin, and unguessable to anyone
- * who could put text into another query's first parameter. Cheaper than a UUID per pin.
+ * who could put text into another query's last parameter. Cheaper than a UUID per pin.
  */
 const processTokenSecret = randomUUID()
 let tokenCounter = 0
@@ -38,8 +38,9 @@ export class PinnedConnectionClosed extends Error {
 export type IdentifiedRow = { readonly pid: number } & Readonly<Record<string, unknown>>
 
 /**
- * The first query on a pinned connection. It must bind `token` as its FIRST parameter (the pool's
- * debug hook recognizes the connection by it) and select `pg_backend_pid() as pid`.
+ * The first query on a pinned connection. It must bind `token` as its LAST parameter (the pool's
+ * debug hook recognizes the connection by it; a trailing `where $n::text is not null` binds it without
+ * selecting it back) and select `pg_backend_pid() as pid`, in exactly one row.
  */
 export type FirstQuery = (sql: postgres.ReservedSql, token: string) => postgres.PendingQuery<Array<IdentifiedRow>>
 
@@ -52,8 +53,9 @@ const ignore = (): undefined => undefined
 const asPromise = <A>(value: PromiseLike<A>): Promise<A> =>
   value instanceof Promise ? (value as Promise<A>) : Promise.resolve(value)
 
+// The token only has to travel as a parameter (the debug hook reads it there); it is not selected back.
 const identifyOnly: FirstQuery = (sql, token) =>
-  sql<Array<IdentifiedRow>>`select ${token}::text as token, pg_backend_pid() as pid`
+  sql<Array<IdentifiedRow>>`select pg_backend_pid() as pid where ${token}::text is not null`
 
 export class PinnedConnection {
   /** postgres.js connection id, known as soon as the identifying query is handed to the connection. */
@@ -267,7 +269,7 @@ export class ConnectionTracker {
   }
 
   private onQuery(connectionId: number, parameters: Array<unknown>): void {
-    const token = parameters[0]
+    const token = parameters[parameters.length - 1]
     if (typeof token !== "string" || !token.startsWith(tokenPrefix)) return
     const pinned = this.expected.get(token)
     if (pinned === undefined) return

@@ -346,8 +346,8 @@ const make = Effect.fnUntraced(function*(database: Database["Service"], options:
   /** Step 4 as the pinned connection's first (identifying) query, so the lock costs one statement. */
   const tryLock = (hash: number): FirstQuery => (sql, token) =>
     sql<Array<IdentifiedRow>>`
-      select ${token}::text as token, pg_backend_pid() as pid,
-             pg_try_advisory_lock(${namespace}::int4, ${hash}::int4) as locked`
+      select pg_backend_pid() as pid, pg_try_advisory_lock(${namespace}::int4, ${hash}::int4) as locked
+       where ${token}::text is not null`
 
   const lockAnswer = (pinned: PinnedConnection): Promise<boolean> =>
     withinMs(pinned.firstRows.then((rows) => rows[0]?.["locked"] === true), reserveTimeoutMs)

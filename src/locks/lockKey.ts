@@ -40,9 +40,17 @@ const fnv1aLength = (hash: number, length: number): number => {
   return Math.imul(h ^ (length & 0xff), fnvPrime)
 }
 
+/** An ASCII id is its own UTF-8: hashed from its char codes without encoding (the common case). */
 const hashId = (hash: number, id: string): number => {
-  const bytes = encoder.encode(id)
-  return fnv1a(fnv1aLength(hash, bytes.length), bytes)
+  for (let i = 0; i < id.length; i++) {
+    if (id.charCodeAt(i) > 0x7f) {
+      const bytes = encoder.encode(id)
+      return fnv1a(fnv1aLength(hash, bytes.length), bytes)
+    }
+  }
+  let h = fnv1aLength(hash, id.length)
+  for (let i = 0; i < id.length; i++) h = Math.imul(h ^ id.charCodeAt(i), fnvPrime)
+  return h
 }
 
 /** The second int4 of a conversation's advisory lock, as a signed 32-bit integer. */
