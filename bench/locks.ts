@@ -43,10 +43,12 @@ export const lockBenchmarks = (url: string): Effect.Effect<ReadonlyArray<BenchRe
     const cycle = Effect.scoped(locks.acquire(key))
     const results: Array<BenchResult> = []
 
-    // One acquire-then-release cycle, rounds of 200 per side, alternating which side goes first, after
+    // One acquire-then-release cycle, rounds of 1,000 per side, alternating which side goes first, after
     // 3,000 unmeasured cycles per side: the JIT needs that many before runlane's path reaches steady state.
+    // Rounds are long enough (~150-200 ms) that each holds its side's share of garbage collection: with
+    // rounds of 200 the median favoured whichever side allocates less (more rounds without a scavenge).
     {
-      const perRound = 200
+      const perRound = 1_000
       const libTimes: Array<number> = []
       const rawTimes: Array<number> = []
       const libRound = Effect.gen(function*() {
@@ -63,11 +65,11 @@ export const lockBenchmarks = (url: string): Effect.Effect<ReadonlyArray<BenchRe
       yield* Effect.promise(async () => {
         for (let i = 0; i < 3_000; i++) await handWritten(hash)
       })
-      for (let round = 0; round < 24; round++) {
+      for (let round = 0; round < 14; round++) {
         const [lib, rawTime] = round % 2 === 0
           ? [yield* libRound, yield* rawRound]
           : yield* Effect.map(Effect.all([rawRound, libRound]), ([r, l]) => [l, r] as const)
-        if (round >= 4) {
+        if (round >= 2) {
           libTimes.push(lib)
           rawTimes.push(rawTime)
         }
