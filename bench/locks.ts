@@ -45,8 +45,9 @@ export const lockBenchmarks = (url: string): Effect.Effect<ReadonlyArray<BenchRe
 
     // One acquire-then-release cycle, rounds of 1,000 per side, alternating which side goes first, after
     // 3,000 unmeasured cycles per side: the JIT needs that many before runlane's path reaches steady state.
-    // Rounds are long enough (~150-200 ms) that each holds its side's share of garbage collection: with
-    // rounds of 200 the median favoured whichever side allocates less (more rounds without a scavenge).
+    // Rounds are long enough (~150-200 ms) that each holds its side's share of garbage collection; with
+    // rounds of 200 the median read lower for runlane, probably because the side that allocates less
+    // has more short rounds without a scavenge.
     {
       const perRound = 1_000
       const libTimes: Array<number> = []
