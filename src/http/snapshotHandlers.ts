@@ -61,24 +61,27 @@ export const SnapshotHandlers = HttpApiBuilder.group(
             terminalStatus: upload["terminalStatus"] as TerminalStatus,
             snapshotJsonl: upload["snapshotJsonl"] as string
           }
-          const invalid = checkSnapshot(input)
-          if (invalid?._tag === "SnapshotTooLarge") {
+          // Checked once: the services below trust the checked snapshot rather than scan it again.
+          const snapshot = checkSnapshot(input)
+          if (snapshot._tag === "SnapshotTooLarge") {
             return yield* new PayloadTooLarge({ error: "Snapshot too large", field: "snapshotJsonl" })
           }
-          if (invalid !== undefined) {
+          if (snapshot._tag === "InvalidSnapshot") {
             // A present snapshot can still be refused for its content; say why rather than "missing".
-            const unstorable = invalid.field === "snapshotJsonl" && Predicate.isString(input.snapshotJsonl) &&
+            const unstorable = snapshot.field === "snapshotJsonl" && Predicate.isString(input.snapshotJsonl) &&
               input.snapshotJsonl !== ""
-            const message = unstorable ? invalid.message : fieldErrors[invalid.field] ?? invalid.message
-            return yield* new BadRequest({ error: message, field: invalid.field })
+            const message = unstorable ? snapshot.message : fieldErrors[snapshot.field] ?? snapshot.message
+            return yield* new BadRequest({ error: message, field: snapshot.field })
           }
           if (identity.kind !== "run" || identity.runId !== input.runId) return yield* outOfScope
-          const stored = yield* snapshots.putIfRunInScope(identity.scope, input).pipe(Effect.catchTags(refusalsAfterChecks))
+          const stored = yield* snapshots.putIfRunInScope(identity.scope, snapshot).pipe(
+            Effect.catchTags(refusalsAfterChecks)
+          )
           if (Option.isSome(stored)) return stored.value
           // Not stored in one statement: the run is another scope's, a legacy row without scope columns,
           // or it already has a snapshot. RunOwnership tells the first two apart.
           if (!(yield* ownership.verify(input.runId, identity.scope))) return yield* outOfScope
-          return yield* snapshots.put(identity.scope, input).pipe(
+          return yield* snapshots.put(identity.scope, snapshot).pipe(
             Effect.catchTags({
               ...refusalsAfterChecks,
               SnapshotExists: () => Effect.fail(new Conflict({ error: "Snapshot already exists for run" }))

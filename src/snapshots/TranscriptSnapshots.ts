@@ -43,8 +43,19 @@ export interface PutSnapshot {
 
 const unstorable = /\u0000|[\uD800-\uDBFF](?![\uDC00-\uDFFF])|(?<![\uD800-\uDBFF])[\uDC00-\uDFFF]/
 
-/** Pure: what is wrong with a snapshot, if anything. The size is checked first and cheaply. */
-export const checkSnapshot = (input: PutSnapshot): SnapshotTooLarge | InvalidSnapshot | undefined => {
+/**
+ * A snapshot that passed `checkSnapshot`, with its UTF-8 size. Only `checkSnapshot` makes one (the
+ * class itself is not exported), so `put` and `putIfRunInScope` trust it instead of scanning up to
+ * 4 MiB again: a caller that must check before other steps (the upload route) checks once.
+ */
+class CheckedSnapshot {
+  readonly _tag = "CheckedSnapshot"
+  constructor(readonly input: PutSnapshot, readonly bytes: number) {}
+}
+export type { CheckedSnapshot }
+
+/** Pure: a checked snapshot, or what is wrong with it. The size is checked first and cheaply. */
+export const checkSnapshot = (input: PutSnapshot): CheckedSnapshot | SnapshotTooLarge | InvalidSnapshot => {
   if (!(terminalStatuses as ReadonlyArray<unknown>).includes(input.terminalStatus)) {
     return new InvalidSnapshot({ field: "terminalStatus", message: `must be one of ${terminalStatuses.join(", ")}` })
   }
@@ -62,13 +73,16 @@ export const checkSnapshot = (input: PutSnapshot): SnapshotTooLarge | InvalidSna
   if (!Number.isSafeInteger(input.runId) || input.runId <= 0) {
     return new InvalidSnapshot({ field: "runId", message: "must be a positive integer" })
   }
-  return undefined
+  return new CheckedSnapshot(input, bytes)
 }
+
+const checked = (input: PutSnapshot | CheckedSnapshot) =>
+  input instanceof CheckedSnapshot ? input : checkSnapshot(input)
 
 export class TranscriptSnapshots extends Context.Service<TranscriptSnapshots, {
   readonly put: (
     scope: SnapshotScope,
-    input: PutSnapshot
+    input: PutSnapshot | CheckedSnapshot
   ) => Effect.Effect<{ readonly id: number }, SnapshotExists | SnapshotTooLarge | InvalidSnapshot | DatabaseError>
   /**
    * `put` in one statement, only when the run's organization, agent and conversation columns equal the
@@ -77,7 +91,7 @@ export class TranscriptSnapshots extends Context.Service<TranscriptSnapshots, {
    */
   readonly putIfRunInScope: (
     scope: SnapshotScope,
-    input: PutSnapshot
+    input: PutSnapshot | CheckedSnapshot
   ) => Effect.Effect<Option.Option<{ readonly id: number }>, SnapshotTooLarge | InvalidSnapshot | DatabaseError>
   /** The newest `completed` snapshot of the conversation, byte for byte. */
   readonly latest: (scope: SnapshotScope) => Effect.Effect<Option.Option<string>, DatabaseError>
@@ -89,15 +103,16 @@ export class TranscriptSnapshots extends Context.Service<TranscriptSnapshots, {
     Effect.gen(function*() {
       const database = yield* Database
 
-      const put = Effect.fn("TranscriptSnapshots.put")(function*(scope: SnapshotScope, input: PutSnapshot) {
-        const invalid = checkSnapshot(input)
-        if (invalid !== undefined) return yield* invalid
+      const put = Effect.fn("TranscriptSnapshots.put")(function*(scope: SnapshotScope, given: PutSnapshot | CheckedSnapshot) {
+        const snapshot = checked(given)
+        if (!(snapshot instanceof CheckedSnapshot)) return yield* snapshot
+        const { input, bytes } = snapshot
         const rows = yield* database.use("TranscriptSnapshots.put", (sql) =>
           sql<Array<{ id: string }>>`
             insert into agent_transcript_snapshots
               (organization_id, agent_id, conversation_id, run_id, snapshot_jsonl, byte_size, terminal_status)
             values (${scope.organizationId}, ${scope.agentId}, ${scope.conversationId}, ${input.runId},
-                    ${input.snapshotJsonl}, ${Buffer.byteLength(input.snapshotJsonl, "utf8")}, ${input.terminalStatus})
+                    ${input.snapshotJsonl}, ${bytes}, ${input.terminalStatus})
             on conflict (organization_id, agent_id, conversation_id, run_id) do nothing
             returning id::text`).pipe(
           Effect.catchIf(
@@ -111,15 +126,16 @@ export class TranscriptSnapshots extends Context.Service<TranscriptSnapshots, {
       })
 
       // Untraced like RunOwnership.verify: this is the upload's hot path (npm run bench).
-      const putIfRunInScope = Effect.fnUntraced(function*(scope: SnapshotScope, input: PutSnapshot) {
-        const invalid = checkSnapshot(input)
-        if (invalid !== undefined) return yield* invalid
+      const putIfRunInScope = Effect.fnUntraced(function*(scope: SnapshotScope, given: PutSnapshot | CheckedSnapshot) {
+        const snapshot = checked(given)
+        if (!(snapshot instanceof CheckedSnapshot)) return yield* snapshot
+        const { input, bytes } = snapshot
         const rows = yield* database.use("TranscriptSnapshots.putIfRunInScope", (sql) =>
           sql<Array<{ id: string }>>`
             insert into agent_transcript_snapshots
               (organization_id, agent_id, conversation_id, run_id, snapshot_jsonl, byte_size, terminal_status)
             select organization_id, agent_id, conversation_id, id,
-                   ${input.snapshotJsonl}, ${Buffer.byteLength(input.snapshotJsonl, "utf8")}, ${input.terminalStatus}
+                   ${input.snapshotJsonl}, ${bytes}, ${input.terminalStatus}
               from runs
              where id = ${input.runId} and organization_id = ${scope.organizationId}
                and agent_id = ${scope.agentId} and conversation_id = ${scope.conversationId}
