@@ -11,6 +11,7 @@ import { Context, Effect, Layer, Option, Schema } from "effect"
 import { Database } from "../db/Database.ts"
 import { DatabaseError } from "../db/DatabaseError.ts"
 import { terminalStatuses, type TerminalStatus } from "../schema/transcriptSnapshots.ts"
+import { UploadGroups, type UploadRow } from "./uploadGroups.ts"
 
 /** 4 MiB of UTF-8; measured payloads: p99 about 1.3 KB, largest 633 KB (reference section 1.2). */
 export const maxSnapshotBytes = 4 * 1024 * 1024
@@ -125,25 +126,31 @@ export class TranscriptSnapshots extends Context.Service<TranscriptSnapshots, {
         return { id: Number(row.id) }
       })
 
-      // Untraced like RunOwnership.verify: this is the upload's hot path (npm run bench).
-      const putIfRunInScope = Effect.fnUntraced(function*(scope: SnapshotScope, given: PutSnapshot | CheckedSnapshot) {
+      // Concurrent uploads share statements (see uploadGroups.ts). Untraced like RunOwnership.verify:
+      // this is the upload's hot path (npm run bench).
+      const groups = new UploadGroups(database.sql)
+      const putIfRunInScope = (scope: SnapshotScope, given: PutSnapshot | CheckedSnapshot) => {
         const snapshot = checked(given)
-        if (!(snapshot instanceof CheckedSnapshot)) return yield* snapshot
-        const { input, bytes } = snapshot
-        const rows = yield* database.use("TranscriptSnapshots.putIfRunInScope", (sql) =>
-          sql<Array<{ id: string }>>`
-            insert into agent_transcript_snapshots
-              (organization_id, agent_id, conversation_id, run_id, snapshot_jsonl, byte_size, terminal_status)
-            select organization_id, agent_id, conversation_id, id,
-                   ${input.snapshotJsonl}, ${bytes}, ${input.terminalStatus}
-              from runs
-             where id = ${input.runId} and organization_id = ${scope.organizationId}
-               and agent_id = ${scope.agentId} and conversation_id = ${scope.conversationId}
-            on conflict (organization_id, agent_id, conversation_id, run_id) do nothing
-            returning id::text`)
-        const row = rows[0]
-        return row === undefined ? Option.none() : Option.some({ id: Number(row.id) })
-      })
+        if (!(snapshot instanceof CheckedSnapshot)) return Effect.fail(snapshot)
+        const row: UploadRow = {
+          runId: snapshot.input.runId,
+          organizationId: scope.organizationId,
+          agentId: scope.agentId,
+          conversationId: scope.conversationId,
+          snapshotJsonl: snapshot.input.snapshotJsonl,
+          bytes: snapshot.bytes,
+          terminalStatus: snapshot.input.terminalStatus
+        }
+        return Effect.callback<Option.Option<{ readonly id: number }>, DatabaseError>((resume) => {
+          const queued = groups.submit(row, (error, id) =>
+            resume(
+              error !== undefined
+                ? Effect.fail(error)
+                : Effect.succeed(id === undefined ? Option.none() : Option.some({ id: Number(id) }))
+            ))
+          return Effect.sync(() => groups.withdraw(queued))
+        })
+      }
 
       const latest = Effect.fn("TranscriptSnapshots.latest")(function*(scope: SnapshotScope) {
         const rows = yield* database.use("TranscriptSnapshots.latest", (sql) =>
