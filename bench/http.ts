@@ -3,11 +3,13 @@
  *
  * - snapshot POST throughput (1 KB and 600 KB bodies) vs a bare `node:http` server that reads the same
  *   body and answers 200. The runlane side does everything a real upload does: token verification,
- *   size and field checks, the ownership lookup and the insert (each request a fresh run).
+ *   size and field checks, the ownership lookup and the insert (each request a fresh run). Two more
+ *   sides for reading the figure: an upload written by hand (one statement per upload, where runlane
+ *   groups concurrent uploads), and the jose token check alone, storing nothing.
  * - `GET latest` median latency vs one `SELECT 1` round trip from postgres.js.
  *
  * The client is Node's `http` with keep-alive connections, CONCURRENCY requests in flight, in this same
- * process for both sides; the two sides alternate in rounds.
+ * process for every side; the sides alternate in rounds.
  */
 import { Agent, createServer, request as httpRequest, type Server, type ServerResponse } from "node:http"
 import { webcrypto } from "node:crypto"
@@ -75,6 +77,33 @@ const bareServer = (): Promise<Server> =>
     server.listen(0, "127.0.0.1", () => resolve(server))
   })
 
+const joseOptions = { algorithms: ["HS256"], issuer: "runlane", audience: "runlane-worker", clockTolerance: 30 }
+
+/**
+ * A reference, not a competitor: the token check alone (jose, as WorkerTokens does it) and the body
+ * parsed, nothing stored. No upload that checks its token with jose can go faster than this here, so it
+ * shows how much of the bare server's rate the check by itself leaves.
+ */
+const tokenCheckOnlyServer = (key: webcrypto.CryptoKey): Promise<Server> =>
+  new Promise((resolve) => {
+    const server = createServer((req, res) => {
+      const chunks: Array<Buffer> = []
+      req.on("data", (chunk: Buffer) => chunks.push(chunk))
+      req.on("end", async () => {
+        try {
+          const { payload } = await jwtVerify((req.headers.authorization ?? "").slice(7), key, joseOptions)
+          const body = JSON.parse(Buffer.concat(chunks).toString("utf8"))
+          res.writeHead(payload["run"] === body.runId ? 200 : 403, { "content-type": "application/json" })
+          res.end("{\"id\":1}")
+        } catch {
+          res.writeHead(401, { "content-type": "application/json" })
+          res.end("{\"error\":\"Invalid token\"}")
+        }
+      })
+    })
+    server.listen(0, "127.0.0.1", () => resolve(server))
+  })
+
 /**
  * The same upload written by hand on node:http, jose and postgres.js: token verified with the same
  * options, the same field checks, the same one-statement ownership-checked insert. It shows what the
@@ -91,12 +120,7 @@ const handWrittenServer = (sql: postgres.Sql, key: webcrypto.CryptoKey): Promise
       req.on("data", (chunk: Buffer) => chunks.push(chunk))
       req.on("end", async () => {
         try {
-          const { payload } = await jwtVerify((req.headers.authorization ?? "").slice(7), key, {
-            algorithms: ["HS256"],
-            issuer: "runlane",
-            audience: "runlane-worker",
-            clockTolerance: 30
-          })
+          const { payload } = await jwtVerify((req.headers.authorization ?? "").slice(7), key, joseOptions)
           const body = JSON.parse(Buffer.concat(chunks).toString("utf8"))
           if (typeof body.snapshotJsonl !== "string" || body.snapshotJsonl === "" || payload["run"] !== body.runId) {
             return answer(res, 400, { error: "bad" })
@@ -138,6 +162,9 @@ export const httpBenchmarks = (url: string): Effect.Effect<ReadonlyArray<BenchRe
     const hand = yield* Effect.acquireRelease(Effect.promise(() => handWrittenServer(handSql, key)), (server) =>
       Effect.promise(() => new Promise<void>((resolve) => server.close(() => resolve()))))
     const handPort = (hand.address() as { port: number }).port
+    const tokenOnly = yield* Effect.acquireRelease(Effect.promise(() => tokenCheckOnlyServer(key)), (server) =>
+      Effect.promise(() => new Promise<void>((resolve) => server.close(() => resolve()))))
+    const tokenOnlyPort = (tokenOnly.address() as { port: number }).port
     const agent = yield* Effect.acquireRelease(
       Effect.sync(() => new Agent({ keepAlive: true, maxSockets: concurrency })),
       (agent) => Effect.sync(() => agent.destroy())
@@ -175,21 +202,24 @@ export const httpBenchmarks = (url: string): Effect.Effect<ReadonlyArray<BenchRe
         const warm = yield* uploads(perRound, bytes)
         yield* Effect.promise(() => throughput(agent, runlanePort, warm))
         yield* Effect.promise(() => throughput(agent, barePort, warm))
+        yield* Effect.promise(() => throughput(agent, tokenOnlyPort, warm))
         const handWarm = yield* uploads(perRound, bytes)
         yield* Effect.promise(() => throughput(agent, handPort, handWarm))
       }
-      const seconds = { runlane: 0, bare: 0, hand: 0 }
+      const seconds = { runlane: 0, bare: 0, hand: 0, tokenOnly: 0 }
       for (let round = 0; round < rounds; round++) {
         const batch = yield* uploads(perRound, bytes)
         const handBatch = yield* uploads(perRound, bytes)
         seconds.runlane += perRound / (yield* Effect.promise(() => throughput(agent, runlanePort, batch)))
         seconds.bare += perRound / (yield* Effect.promise(() => throughput(agent, barePort, batch)))
+        seconds.tokenOnly += perRound / (yield* Effect.promise(() => throughput(agent, tokenOnlyPort, batch)))
         seconds.hand += perRound / (yield* Effect.promise(() => throughput(agent, handPort, handBatch)))
       }
       const requests = perRound * rounds
       const ours = requests / seconds.runlane
       const bareRate = requests / seconds.bare
       const handRate = requests / seconds.hand
+      const tokenOnlyRate = requests / seconds.tokenOnly
       results.push({
         name,
         value: ours,
@@ -204,6 +234,13 @@ export const httpBenchmarks = (url: string): Effect.Effect<ReadonlyArray<BenchRe
         baseline: handRate,
         ratio: ours / handRate,
         note: "vs node:http + jose + postgres.js doing the same checks and insert"
+      }, {
+        name: `${name}: reference, jose token check alone vs bare`,
+        value: tokenOnlyRate,
+        unit: "req/s",
+        baseline: bareRate,
+        ratio: tokenOnlyRate / bareRate,
+        note: "node:http + jose jwtVerify + JSON.parse, nothing stored: the ceiling of any jose-checked upload"
       })
     }
 
