@@ -4,6 +4,7 @@
  * Every figure is measured side by side with its baseline in the same run on the same server, and the
  * two sides are interleaved in rounds so that drift (cache warm-up, autovacuum, CPU frequency) hits both.
  */
+import { readdirSync, readFileSync } from "node:fs"
 import { chmod, mkdtemp } from "node:fs/promises"
 import { tmpdir } from "node:os"
 import { join } from "node:path"
@@ -62,6 +63,38 @@ export const benchDatabase: Effect.Effect<{ url: string; server: string }, unkno
   }).pipe(Effect.provide(Migrator.layer.pipe(Layer.provide(Database.layerWith({ url: Redacted.make(url.toString()), poolMax: 1 })))))
   return { url: url.toString(), server }
 })
+
+/**
+ * CPU milliseconds used so far by every process named `postgres` on this machine (user + system, from
+ * /proc), or undefined where that cannot be read or the server is not on this machine. The difference
+ * over a measurement is the server's CPU for it, background work (autovacuum, checkpoints) included.
+ */
+export const localPostgresCpuMs = (url: string): number | undefined => {
+  const host = new URL(url).hostname
+  if (!["127.0.0.1", "localhost", "::1", "[::1]", ""].includes(host)) return undefined
+  let entries: Array<string>
+  try {
+    entries = readdirSync("/proc")
+  } catch {
+    return undefined
+  }
+  let ticks = 0
+  for (const pid of entries) {
+    if (!/^\d+$/.test(pid)) continue
+    try {
+      const stat = readFileSync(`/proc/${pid}/stat`, "utf8")
+      const close = stat.lastIndexOf(")")
+      if (!stat.slice(stat.indexOf("(") + 1, close).startsWith("postgres")) continue
+      // Fields after the command: state is the 3rd field of the line, utime the 14th, stime the 15th.
+      const fields = stat.slice(close + 2).split(" ")
+      ticks += Number(fields[11]) + Number(fields[12])
+    } catch {
+      // The process ended between listing and reading.
+    }
+  }
+  // Linux reports CPU time in clock ticks of 10 ms (USER_HZ = 100 on every architecture Node runs on).
+  return ticks * 10
+}
 
 export const now = (): number => Number(process.hrtime.bigint()) / 1e6
 

@@ -25,7 +25,7 @@ import { RunOwnership } from "../src/ownership/RunOwnership.ts"
 import { WorkerTokens } from "../src/ownership/WorkerTokens.ts"
 import { RunsQueue } from "../src/runs/RunsQueue.ts"
 import { TranscriptSnapshots } from "../src/snapshots/TranscriptSnapshots.ts"
-import { type BenchResult, median, now } from "./harness.ts"
+import { type BenchResult, localPostgresCpuMs, median, now } from "./harness.ts"
 
 const concurrency = 16
 const secret = Redacted.make("bench-secret-bench-secret-bench-secret-0123")
@@ -207,13 +207,24 @@ export const httpBenchmarks = (url: string): Effect.Effect<ReadonlyArray<BenchRe
         yield* Effect.promise(() => throughput(agent, handPort, handWarm))
       }
       const seconds = { runlane: 0, bare: 0, hand: 0, tokenOnly: 0 }
+      const serverCpuMs = { runlane: 0, hand: 0, known: true }
       for (let round = 0; round < rounds; round++) {
         const batch = yield* uploads(perRound, bytes)
         const handBatch = yield* uploads(perRound, bytes)
+        const beforeRunlane = localPostgresCpuMs(url)
         seconds.runlane += perRound / (yield* Effect.promise(() => throughput(agent, runlanePort, batch)))
+        const afterRunlane = localPostgresCpuMs(url)
         seconds.bare += perRound / (yield* Effect.promise(() => throughput(agent, barePort, batch)))
         seconds.tokenOnly += perRound / (yield* Effect.promise(() => throughput(agent, tokenOnlyPort, batch)))
+        const beforeHand = localPostgresCpuMs(url)
         seconds.hand += perRound / (yield* Effect.promise(() => throughput(agent, handPort, handBatch)))
+        const afterHand = localPostgresCpuMs(url)
+        if (beforeRunlane !== undefined && afterRunlane !== undefined && beforeHand !== undefined && afterHand !== undefined) {
+          serverCpuMs.runlane += afterRunlane - beforeRunlane
+          serverCpuMs.hand += afterHand - beforeHand
+        } else {
+          serverCpuMs.known = false
+        }
       }
       const requests = perRound * rounds
       const ours = requests / seconds.runlane
@@ -242,6 +253,18 @@ export const httpBenchmarks = (url: string): Effect.Effect<ReadonlyArray<BenchRe
         ratio: tokenOnlyRate / bareRate,
         note: "node:http + jose jwtVerify + JSON.parse, nothing stored: the ceiling of any jose-checked upload"
       })
+      if (serverCpuMs.known) {
+        const runlaneMicros = (serverCpuMs.runlane * 1000) / requests
+        const handMicros = (serverCpuMs.hand * 1000) / requests
+        results.push({
+          name: `${name}, PostgreSQL CPU per upload`,
+          value: runlaneMicros,
+          unit: "µs",
+          baseline: handMicros,
+          ratio: handMicros / runlaneMicros,
+          note: "vs the hand-written upload (one statement each); ratio = baseline / runlane; 10 ms ticks"
+        })
+      }
     }
 
     // GET latest: sequential requests, median latency, vs a SELECT 1 round trip.

@@ -2,9 +2,10 @@
  * Group commit for snapshot uploads (`TranscriptSnapshots.putIfRunInScope`).
  *
  * Under load, uploads arrive while earlier ones are still in the database. Sent one statement each,
- * every upload pays its own statement and commit: measured here (`npm run bench`, 1 KB snapshots,
- * 16 in flight), about 160 µs of PostgreSQL CPU and 150 µs of Node CPU per upload for the statement
- * alone; grouped, about 90 µs and 65 µs per row. So uploads queue here, and whenever fewer than
+ * every upload pays its own statement, round trip and commit, in PostgreSQL and in Node alike
+ * (`npm run bench` reports PostgreSQL's CPU per upload beside a one-statement-each upload written by
+ * hand; the choice of 4 statements in flight was measured against 1, 2 and unbounded there, 1 KB
+ * snapshots, 16 uploads in flight). So uploads queue here, and whenever fewer than
  * `maxStatementsInFlight` statements are running, the queue leaves as one INSERT … SELECT. A lone upload
  * on an idle service is sent in the same tick: grouping adds no waiting, it forms only while
  * statements are already in flight. It also bounds the pool connections uploads take at once.
