@@ -1,7 +1,9 @@
 import { assert, layer } from "@effect/vitest"
-import { Effect, Layer, Option } from "effect"
+import { Effect, Fiber, Layer, Option } from "effect"
+import { Database } from "../../src/db/Database.ts"
 import { RunsQueue } from "../../src/runs/RunsQueue.ts"
 import { maxSnapshotBytes, TranscriptSnapshots } from "../../src/snapshots/TranscriptSnapshots.ts"
+import { defaultUploadGroupLimits } from "../../src/snapshots/uploadGroups.ts"
 import { testDatabaseLayer } from "../support/testDatabase.ts"
 
 const TestLayer = Layer.mergeAll(TranscriptSnapshots.layer, RunsQueue.layer).pipe(Layer.provideMerge(testDatabaseLayer()))
@@ -104,5 +106,51 @@ layer(TestLayer, { excludeTestServices: true })("TranscriptSnapshots", (it) => {
       }
       assert.isTrue(Option.isNone(yield* snapshots.latest(scope)))
       assert.deepStrictEqual(yield* snapshots.reset(scope), { deleted: 0 })
+    }))
+
+  it.effect("putIfRunInScope: an upload given up while it waits for a statement is never stored", () =>
+    Effect.gen(function*() {
+      const snapshots = yield* TranscriptSnapshots
+      const database = yield* Database
+      const scope = { ...conversation, conversationId: "c-given-up" }
+      const bound = defaultUploadGroupLimits.maxStatementsInFlight
+      const runIds: Array<number> = []
+      for (let i = 0; i <= bound; i++) runIds.push(yield* newRun(scope))
+      const upload = (runId: number) =>
+        snapshots.putIfRunInScope(scope, { runId, terminalStatus: "completed", snapshotJsonl: jsonl({ runId }) })
+      const waitingUploads = database.use("test", (sql) =>
+        sql<Array<{ count: number }>>`
+          select count(*)::int as count from pg_stat_activity
+           where datname = current_database() and wait_event_type = 'Lock'
+             and query like 'insert into agent_transcript_snapshots%'`).pipe(Effect.map((rows) => rows[0]!.count))
+
+      const blocker = yield* Effect.acquireRelease(
+        Effect.promise(() => database.sql.reserve()),
+        (connection) => Effect.sync(() => connection.release())
+      )
+      yield* Effect.promise(async () => {
+        await blocker`begin`
+        await blocker`lock table agent_transcript_snapshots in exclusive mode`
+      })
+      // Fill the in-flight bound with statements held by the lock, one at a time.
+      const held: Array<Fiber.Fiber<unknown, unknown>> = []
+      for (const [index, runId] of runIds.slice(0, bound).entries()) {
+        held.push(yield* Effect.forkChild(upload(runId)))
+        for (let polls = 0; (yield* waitingUploads) < index + 1; polls++) {
+          assert.isBelow(polls, 1_000, "an upload statement never reached the lock")
+          yield* Effect.sleep("5 millis")
+        }
+      }
+      const givenUp = yield* Effect.forkChild(upload(runIds[bound]!))
+      yield* Effect.yieldNow
+      yield* Fiber.interrupt(givenUp)
+      yield* Effect.promise(async () => {
+        await blocker`commit`
+      })
+      for (const fiber of held) assert.isTrue(Option.isSome((yield* Fiber.join(fiber)) as Option.Option<unknown>))
+      const stored = yield* database.use("test", (sql) =>
+        sql<Array<{ run_id: string }>>`
+          select run_id::text from agent_transcript_snapshots where run_id in ${sql(runIds)} order by run_id`)
+      assert.deepStrictEqual(stored.map((row) => Number(row.run_id)), runIds.slice(0, bound))
     }))
 })
