@@ -3,9 +3,9 @@
  *
  * - snapshot POST throughput (1 KB and 600 KB bodies) vs a bare `node:http` server that reads the same
  *   body and answers 200. The runlane side does everything a real upload does: token verification,
- *   size and field checks, the ownership lookup and the insert (each request a fresh run). Two more
- *   sides for reading the figure: an upload written by hand (one statement per upload, where runlane
- *   groups concurrent uploads), and the jose token check alone, storing nothing.
+ *   size and field checks, the ownership lookup and the insert (each request a fresh run). More sides
+ *   for reading the figure: the upload written by hand, storing one statement per upload and through
+ *   runlane's UploadGroups, and the jose token check alone, storing nothing.
  * - `GET latest` median latency vs one `SELECT 1` round trip from postgres.js.
  *
  * The client is Node's `http` with keep-alive connections, CONCURRENCY requests in flight, in this same
@@ -25,6 +25,7 @@ import { RunOwnership } from "../src/ownership/RunOwnership.ts"
 import { WorkerTokens } from "../src/ownership/WorkerTokens.ts"
 import { RunsQueue } from "../src/runs/RunsQueue.ts"
 import { TranscriptSnapshots } from "../src/snapshots/TranscriptSnapshots.ts"
+import { UploadGroups, type UploadRow } from "../src/snapshots/uploadGroups.ts"
 import { type BenchResult, localPostgresCpuMs, median, now } from "./harness.ts"
 
 const concurrency = 16
@@ -104,12 +105,37 @@ const tokenCheckOnlyServer = (key: webcrypto.CryptoKey): Promise<Server> =>
     server.listen(0, "127.0.0.1", () => resolve(server))
   })
 
+/** Stores one checked upload; answers the snapshot id, or undefined when nothing was stored. */
+type StoreUpload = (row: UploadRow) => Promise<string | undefined>
+
+/** The one-statement ownership-checked insert, one statement per upload. */
+const storeOneByOne = (sql: postgres.Sql): StoreUpload => async (row) => {
+  const rows = await sql<Array<{ id: string }>>`
+    insert into agent_transcript_snapshots
+      (organization_id, agent_id, conversation_id, run_id, snapshot_jsonl, byte_size, terminal_status)
+    select organization_id, agent_id, conversation_id, id, ${row.snapshotJsonl}, ${row.bytes}, ${row.terminalStatus}
+      from runs
+     where id = ${row.runId} and organization_id = ${row.organizationId}
+       and agent_id = ${row.agentId} and conversation_id = ${row.conversationId}
+    on conflict (organization_id, agent_id, conversation_id, run_id) do nothing
+    returning id::text`
+  return rows[0]?.id
+}
+
+/** The same insert through runlane's UploadGroups: concurrent uploads share statements. */
+const storeGrouped = (sql: postgres.Sql): StoreUpload => {
+  const groups = new UploadGroups(sql)
+  return (row) =>
+    new Promise((resolve, reject) =>
+      groups.submit(row, (error, id) => error === undefined ? resolve(id) : reject(error)))
+}
+
 /**
  * The same upload written by hand on node:http, jose and postgres.js: token verified with the same
- * options, the same field checks, the same one-statement ownership-checked insert. It shows what the
- * layers runlane adds (Effect's HTTP server, typed errors, metrics) cost over the work itself.
+ * options, the same field checks, the same ownership-checked insert, stored by `store`. It shows what
+ * the layers runlane adds (Effect's HTTP server, typed errors, metrics) cost over the work itself.
  */
-const handWrittenServer = (sql: postgres.Sql, key: webcrypto.CryptoKey): Promise<Server> =>
+const handWrittenServer = (key: webcrypto.CryptoKey, store: StoreUpload): Promise<Server> =>
   new Promise((resolve) => {
     const answer = (res: ServerResponse, status: number, body: unknown) => {
       res.writeHead(status, { "content-type": "application/json" })
@@ -125,17 +151,16 @@ const handWrittenServer = (sql: postgres.Sql, key: webcrypto.CryptoKey): Promise
           if (typeof body.snapshotJsonl !== "string" || body.snapshotJsonl === "" || payload["run"] !== body.runId) {
             return answer(res, 400, { error: "bad" })
           }
-          const rows = await sql`
-            insert into agent_transcript_snapshots
-              (organization_id, agent_id, conversation_id, run_id, snapshot_jsonl, byte_size, terminal_status)
-            select organization_id, agent_id, conversation_id, id,
-                   ${body.snapshotJsonl}, ${Buffer.byteLength(body.snapshotJsonl)}, ${body.terminalStatus}
-              from runs
-             where id = ${body.runId} and organization_id = ${payload["org"] as string}
-               and agent_id = ${payload["agent"] as string} and conversation_id = ${payload["conv"] as string}
-            on conflict (organization_id, agent_id, conversation_id, run_id) do nothing
-            returning id::text`
-          answer(res, rows.length === 1 ? 200 : 409, { id: Number(rows[0]?.id) })
+          const id = await store({
+            runId: body.runId,
+            organizationId: payload["org"] as string,
+            agentId: payload["agent"] as string,
+            conversationId: payload["conv"] as string,
+            snapshotJsonl: body.snapshotJsonl,
+            bytes: Buffer.byteLength(body.snapshotJsonl),
+            terminalStatus: body.terminalStatus
+          })
+          answer(res, id === undefined ? 409 : 200, { id: Number(id) })
         } catch {
           answer(res, 401, { error: "Invalid token" })
         }
@@ -159,9 +184,14 @@ export const httpBenchmarks = (url: string): Effect.Effect<ReadonlyArray<BenchRe
     )
     const key = yield* Effect.promise(() =>
       crypto.subtle.importKey("raw", new TextEncoder().encode(Redacted.value(secret)), { name: "HMAC", hash: "SHA-256" }, false, ["verify"]))
-    const hand = yield* Effect.acquireRelease(Effect.promise(() => handWrittenServer(handSql, key)), (server) =>
+    const hand = yield* Effect.acquireRelease(Effect.promise(() => handWrittenServer(key, storeOneByOne(handSql))), (server) =>
       Effect.promise(() => new Promise<void>((resolve) => server.close(() => resolve()))))
     const handPort = (hand.address() as { port: number }).port
+    const handGrouped = yield* Effect.acquireRelease(
+      Effect.promise(() => handWrittenServer(key, storeGrouped(handSql))),
+      (server) => Effect.promise(() => new Promise<void>((resolve) => server.close(() => resolve())))
+    )
+    const handGroupedPort = (handGrouped.address() as { port: number }).port
     const tokenOnly = yield* Effect.acquireRelease(Effect.promise(() => tokenCheckOnlyServer(key)), (server) =>
       Effect.promise(() => new Promise<void>((resolve) => server.close(() => resolve()))))
     const tokenOnlyPort = (tokenOnly.address() as { port: number }).port
@@ -205,12 +235,15 @@ export const httpBenchmarks = (url: string): Effect.Effect<ReadonlyArray<BenchRe
         yield* Effect.promise(() => throughput(agent, tokenOnlyPort, warm))
         const handWarm = yield* uploads(perRound, bytes)
         yield* Effect.promise(() => throughput(agent, handPort, handWarm))
+        const handGroupedWarm = yield* uploads(perRound, bytes)
+        yield* Effect.promise(() => throughput(agent, handGroupedPort, handGroupedWarm))
       }
-      const seconds = { runlane: 0, bare: 0, hand: 0, tokenOnly: 0 }
+      const seconds = { runlane: 0, bare: 0, hand: 0, handGrouped: 0, tokenOnly: 0 }
       const serverCpuMs = { runlane: 0, hand: 0, known: true }
       for (let round = 0; round < rounds; round++) {
         const batch = yield* uploads(perRound, bytes)
         const handBatch = yield* uploads(perRound, bytes)
+        const handGroupedBatch = yield* uploads(perRound, bytes)
         const beforeRunlane = localPostgresCpuMs(url)
         seconds.runlane += perRound / (yield* Effect.promise(() => throughput(agent, runlanePort, batch)))
         const afterRunlane = localPostgresCpuMs(url)
@@ -219,6 +252,7 @@ export const httpBenchmarks = (url: string): Effect.Effect<ReadonlyArray<BenchRe
         const beforeHand = localPostgresCpuMs(url)
         seconds.hand += perRound / (yield* Effect.promise(() => throughput(agent, handPort, handBatch)))
         const afterHand = localPostgresCpuMs(url)
+        seconds.handGrouped += perRound / (yield* Effect.promise(() => throughput(agent, handGroupedPort, handGroupedBatch)))
         if (beforeRunlane !== undefined && afterRunlane !== undefined && beforeHand !== undefined && afterHand !== undefined) {
           serverCpuMs.runlane += afterRunlane - beforeRunlane
           serverCpuMs.hand += afterHand - beforeHand
@@ -231,6 +265,7 @@ export const httpBenchmarks = (url: string): Effect.Effect<ReadonlyArray<BenchRe
       const bareRate = requests / seconds.bare
       const handRate = requests / seconds.hand
       const tokenOnlyRate = requests / seconds.tokenOnly
+      const handGroupedRate = requests / seconds.handGrouped
       results.push({
         name,
         value: ours,
@@ -244,7 +279,21 @@ export const httpBenchmarks = (url: string): Effect.Effect<ReadonlyArray<BenchRe
         unit: "req/s",
         baseline: handRate,
         ratio: ours / handRate,
-        note: "vs node:http + jose + postgres.js doing the same checks and insert"
+        note: "vs node:http + jose + postgres.js doing the same checks and insert, one statement each"
+      }, {
+        name: `${name}, vs hand-written grouped`,
+        value: ours,
+        unit: "req/s",
+        baseline: handGroupedRate,
+        ratio: ours / handGroupedRate,
+        note: "vs the same hand-written upload storing through UploadGroups: the cost of runlane's HTTP layers"
+      }, {
+        name: `${name}: reference, hand-written grouped vs bare`,
+        value: handGroupedRate,
+        unit: "req/s",
+        baseline: bareRate,
+        ratio: handGroupedRate / bareRate,
+        note: "the fastest complete upload here, without Effect's HTTP layers"
       }, {
         name: `${name}: reference, jose token check alone vs bare`,
         value: tokenOnlyRate,
