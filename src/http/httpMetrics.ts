@@ -4,6 +4,7 @@
  * client cannot grow the label set (a run id in the path would make one series per run).
  */
 import { Effect, Exit, Metric } from "effect"
+import { HttpRouter } from "effect/http"
 import { HttpServerRequest } from "effect/http/HttpServerRequest"
 import type { HttpServerResponse } from "effect/http/HttpServerResponse"
 
@@ -51,8 +52,8 @@ const seriesOf = (method: string, route: string, status: number) => {
   return series
 }
 
-/** Server middleware: records every request once it has been answered. */
-export const recordHttpMetrics = <E, R>(
+/** Records a request once it has been answered. */
+const recordHttpMetrics = <E, R>(
   app: Effect.Effect<HttpServerResponse, E, R>
 ): Effect.Effect<HttpServerResponse, E, R | HttpServerRequest> =>
   Effect.flatMap(HttpServerRequest, (request) => {
@@ -66,3 +67,10 @@ export const recordHttpMetrics = <E, R>(
       )
     })
   })
+
+/**
+ * Every route's requests, recorded as router middleware rather than server middleware: given server
+ * middleware, Effect's HTTP server also opens a tracing span per request, even with no tracer to send
+ * it to, which cost about a sixth of the upload route's throughput (`npm run bench`).
+ */
+export const HttpMetricsMiddleware = HttpRouter.middleware(recordHttpMetrics, { global: true })

@@ -17,7 +17,7 @@ import type { TranscriptSnapshots } from "../snapshots/TranscriptSnapshots.ts"
 import { AdminHandlers } from "./adminHandlers.ts"
 import { AdminAuthLayer, adminAuthLayerWith, WorkerAuthLayer } from "./authentication.ts"
 import { HealthHandlers } from "./healthHandlers.ts"
-import { recordHttpMetrics } from "./httpMetrics.ts"
+import { HttpMetricsMiddleware } from "./httpMetrics.ts"
 import { type AdminAuth, RunlaneApi } from "./RunlaneApi.ts"
 import { SnapshotHandlers } from "./snapshotHandlers.ts"
 
@@ -42,7 +42,8 @@ const notFound = HttpRouter.add("*", "*", HttpServerResponse.jsonUnsafe({ error:
 const routesWith = <E>(adminAuth: Layer.Layer<AdminAuth, E>) =>
   Layer.mergeAll(
     HttpApiBuilder.layer(RunlaneApi, { openapiPath: "/openapi.json" }),
-    notFound
+    notFound,
+    HttpMetricsMiddleware
   ).pipe(
     Layer.provide([SnapshotHandlers, HealthHandlers, AdminHandlers]),
     Layer.provide([WorkerAuthLayer, adminAuth])
@@ -90,7 +91,7 @@ export const httpServerLayer = (options: HttpServerOptions) => {
 
   return boundedShutdown.pipe(
     Layer.provideMerge(
-      HttpRouter.serve(RunlaneRoutes, { disableLogger: true, disableListenLog: true, middleware: recordHttpMetrics })
+      HttpRouter.serve(RunlaneRoutes, { disableLogger: true, disableListenLog: true })
     ),
     Layer.provideMerge(nodeServer)
   )
@@ -140,5 +141,5 @@ export const makeFetchHandler = <E>(services: Layer.Layer<RouteServices, E>, opt
       Layer.provide(services),
       Layer.provide(HttpServer.layerServices)
     ),
-    { disableLogger: true, middleware: recordHttpMetrics }
+    { disableLogger: true }
   )

@@ -74,6 +74,9 @@ layer(testServerLayer(), { excludeTestServices: true })("the HTTP service", (it)
     Effect.gen(function*() {
       yield* call("POST", "/v1/runs", { ...admin, body: { queue: "metrics-q", organizationId: "o", payload: {} } })
       yield* call("GET", "/health")
+      // Refusals are counted under their own status, and unknown paths under one "unmatched" route.
+      assert.strictEqual((yield* call("POST", "/worker/transcript/snapshot", { token: "not-a-token", body: {} })).status, 401)
+      assert.strictEqual((yield* call("GET", "/no/such/path/4711")).status, 404)
       const metrics = yield* call("GET", "/metrics")
       assert.strictEqual(metrics.status, 200)
       assert.match(metrics.contentType ?? "", /^text\/plain; version=0\.0\.4/)
@@ -84,7 +87,9 @@ layer(testServerLayer(), { excludeTestServices: true })("the HTTP service", (it)
           /^# TYPE runlane_conversation_locks_acquired_total counter$/m,
           /^runlane_runs\{queue="metrics-q",status="pending"\} 1$/m,
           /^runlane_http_requests_total\{method="GET",route="\/health",status="200"\} [1-9]/m,
-          /^runlane_http_request_duration_seconds_bucket\{method="GET",route="\/health",le="\+Inf"\} [1-9]/m
+          /^runlane_http_request_duration_seconds_bucket\{method="GET",route="\/health",le="\+Inf"\} [1-9]/m,
+          /^runlane_http_requests_total\{method="POST",route="\/worker\/transcript\/snapshot",status="401"\} [1-9]/m,
+          /^runlane_http_requests_total\{method="GET",route="unmatched",status="404"\} [1-9]/m
         ]
       ) assert.match(metrics.text, line)
     }))
