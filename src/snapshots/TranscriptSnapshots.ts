@@ -88,7 +88,9 @@ export class TranscriptSnapshots extends Context.Service<TranscriptSnapshots, {
   /**
    * `put` in one statement, only when the run's organization, agent and conversation columns equal the
    * scope. None when they do not (or the run has no such columns: ask RunOwnership, which knows legacy
-   * rows) or when the run already has a snapshot. This is the upload's hot path: one round trip.
+   * rows) or when the run already has a snapshot. This is the upload's hot path: one round trip, in
+   * a statement shared with concurrent uploads (uploadGroups.ts); interrupted while it still waits
+   * for a statement, the upload is withdrawn and never stored.
    */
   readonly putIfRunInScope: (
     scope: SnapshotScope,
