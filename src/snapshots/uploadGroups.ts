@@ -148,7 +148,19 @@ export class UploadGroups {
     return text
   }
 
-  private execute(group: ReadonlyArray<QueuedUpload>) {
+  /**
+   * The group's statement; anything postgres.js throws while building it becomes a rejection. The
+   * query is returned as is, not wrapped in Promise.resolve: adopting a Promise subclass costs hops.
+   */
+  private execute(group: ReadonlyArray<QueuedUpload>): PromiseLike<Array<{ run_id: string; id: string }>> {
+    try {
+      return this.startStatement(group)
+    } catch (cause) {
+      return Promise.reject(cause)
+    }
+  }
+
+  private startStatement(group: ReadonlyArray<QueuedUpload>) {
     const parameters: Array<string | number> = []
     for (const { row } of group) {
       parameters.push(
