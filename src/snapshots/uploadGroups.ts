@@ -13,8 +13,8 @@
  * Each row is still decided alone: it is inserted only when its run's scope columns equal its scope,
  * and the first writer of a run wins (ON CONFLICT DO NOTHING). Two uploads for one run never share a
  * statement, so each row of the answer belongs to exactly one waiting upload. When PostgreSQL refuses a
- * grouped statement (then none of it was written), every row is tried again alone, so one bad row
- * fails only its own upload.
+ * grouped statement for a row's values (then none of it was written), every row is tried again alone,
+ * so one bad row fails only its own upload.
  */
 import type postgres from "postgres"
 import { DatabaseError } from "../db/DatabaseError.ts"
@@ -52,6 +52,15 @@ export const defaultUploadGroupLimits: UploadGroupLimits = {
 }
 
 const operation = "TranscriptSnapshots.putIfRunInScope"
+
+/**
+ * SQLSTATE classes 22 (data exception) and 23 (integrity constraint violation, e.g. a run deleted
+ * between the join and the insert) are about one row's values, so the group is retried row by row.
+ * Anything else (a timeout, a lost connection, an overloaded server) would fail each row alone too,
+ * and retrying them one by one would only multiply the load: every upload of the group gets the error.
+ */
+const oneRowCanBeToBlame = (sqlState: string | undefined): boolean =>
+  sqlState !== undefined && (sqlState.startsWith("22") || sqlState.startsWith("23"))
 const columnsPerRow = 7
 
 /** One queued upload; `withdraw` takes it back while it is still queued. */
@@ -191,7 +200,7 @@ export class UploadGroups {
       (cause: unknown) => {
         this.finished()
         const error = DatabaseError.fromCause(operation, cause)
-        if (group.length > 1 && error.sqlState !== undefined) {
+        if (group.length > 1 && oneRowCanBeToBlame(error.sqlState)) {
           for (const upload of group) this.sendAlone(upload)
         } else {
           for (const upload of group) upload.done(error, undefined)

@@ -120,6 +120,34 @@ describe("UploadGroups", () => {
     expect(await storedRuns(runIds)).toEqual(runIds.filter((_, index) => index !== 2))
   })
 
+  it("when a grouped statement fails for another reason (here a statement timeout), fails every upload of it once, without retrying row by row", async () => {
+    let statements = 0
+    const impatient = postgres(database.url, {
+      max: 2,
+      onnotice: () => {},
+      connection: { statement_timeout: 200 },
+      debug: (_connection, query) => {
+        if (query.startsWith("insert into agent_transcript_snapshots")) statements++
+      }
+    })
+    const blocker = await sql.reserve()
+    try {
+      const groups = new UploadGroups(impatient)
+      const runIds = await newRuns(3)
+      await blocker`begin`
+      await blocker`lock table agent_transcript_snapshots in exclusive mode`
+      const answers = await Promise.all(runIds.map((runId) => upload(groups, row(runId))))
+      await blocker`commit`
+      expect(statements).toBe(1)
+      expect(answers.map((answer) => answer.error?.sqlState)).toEqual(["57014", "57014", "57014"])
+      expect(answers.every((answer) => answer.error?.retryable === true && answer.id === undefined)).toBe(true)
+      expect(await storedRuns(runIds)).toEqual([])
+    } finally {
+      blocker.release()
+      await impatient.end({ timeout: 5 })
+    }
+  })
+
   it("keeps to the row and byte bounds of a statement; a snapshot larger than the byte bound goes alone", async () => {
     const groups = new UploadGroups(sql, limits({ maxStatementsInFlight: 1, maxRowsPerStatement: 3, maxBytesPerStatement: 1_000 }))
     const runIds = await newRuns(7)
