@@ -61,6 +61,7 @@ const operation = "TranscriptSnapshots.putIfRunInScope"
  */
 const oneRowCanBeToBlame = (sqlState: string | undefined): boolean =>
   sqlState !== undefined && (sqlState.startsWith("22") || sqlState.startsWith("23"))
+
 const columnsPerRow = 7
 
 /** One queued upload; `withdraw` takes it back while it is still queued. */
@@ -71,8 +72,12 @@ export class QueuedUpload {
 const statementFor = (rows: number): string => {
   const values: Array<string> = []
   for (let row = 0; row < rows; row++) {
-    const p = row * columnsPerRow
-    values.push(`($${p + 1}::bigint, $${p + 2}::text, $${p + 3}::text, $${p + 4}::text, $${p + 5}::text, $${p + 6}::integer, $${p + 7}::text)`)
+    const first = row * columnsPerRow
+    const [runId, organization, agent, conversation, snapshot, bytes, status] = Array.from(
+      { length: columnsPerRow },
+      (_, column) => `$${first + column + 1}`
+    )
+    values.push(`(${runId}::bigint, ${organization}::text, ${agent}::text, ${conversation}::text, ${snapshot}::text, ${bytes}::integer, ${status}::text)`)
   }
   return `insert into agent_transcript_snapshots
   (organization_id, agent_id, conversation_id, run_id, snapshot_jsonl, byte_size, terminal_status)
