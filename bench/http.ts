@@ -11,7 +11,7 @@
  * The client is Node's `http` with keep-alive connections, CONCURRENCY requests in flight, in this same
  * process for every side; the sides alternate in rounds.
  */
-import { Agent, createServer, request as httpRequest, type Server, type ServerResponse } from "node:http"
+import { Agent, createServer, type IncomingMessage, request as httpRequest, type Server, type ServerResponse } from "node:http"
 import { webcrypto } from "node:crypto"
 import { jwtVerify } from "jose"
 import { Effect, Layer, Redacted } from "effect"
@@ -64,45 +64,47 @@ const throughput = async (agent: Agent, port: number, requests: ReadonlyArray<Pr
   return requests.length / ((now() - started) / 1000)
 }
 
-const bareServer = (): Promise<Server> =>
+/** A node:http server on an ephemeral port that reads each request's whole body, then calls `respond`. */
+const serverReadingBodies = (
+  respond: (request: IncomingMessage, body: Buffer, response: ServerResponse) => void
+): Promise<Server> =>
   new Promise((resolve) => {
-    const server = createServer((req, res) => {
+    const server = createServer((request, response) => {
       const chunks: Array<Buffer> = []
-      req.on("data", (chunk: Buffer) => chunks.push(chunk))
-      req.on("end", () => {
-        Buffer.concat(chunks)
-        res.writeHead(200, { "content-type": "application/json" })
-        res.end("{\"id\":1}")
-      })
+      request.on("data", (chunk: Buffer) => chunks.push(chunk))
+      request.on("end", () => respond(request, Buffer.concat(chunks), response))
     })
     server.listen(0, "127.0.0.1", () => resolve(server))
   })
 
+const answer = (response: ServerResponse, status: number, json: string) => {
+  response.writeHead(status, { "content-type": "application/json" })
+  response.end(json)
+}
+
+const bareServer = (): Promise<Server> => serverReadingBodies((_request, _body, response) => answer(response, 200, "{\"id\":1}"))
+
 const joseOptions = { algorithms: ["HS256"], issuer: "runlane", audience: "runlane-worker", clockTolerance: 30 }
 
+/** What every jose-checked side does first: the token verified as WorkerTokens does it, the body parsed. */
+const checkUpload = async (request: IncomingMessage, body: Buffer, key: webcrypto.CryptoKey) => {
+  const { payload } = await jwtVerify((request.headers.authorization ?? "").slice(7), key, joseOptions)
+  return { payload, upload: JSON.parse(body.toString("utf8")) }
+}
+
 /**
- * A reference, not a competitor: the token check alone (jose, as WorkerTokens does it) and the body
- * parsed, nothing stored. No upload that checks its token with jose can go faster than this here, so it
- * shows how much of the bare server's rate the check by itself leaves.
+ * A reference, not a competitor: the token check alone and the body parsed, nothing stored. No upload
+ * that checks its token with jose can go faster than this here, so it shows how much of the bare
+ * server's rate the check by itself leaves.
  */
 const tokenCheckOnlyServer = (key: webcrypto.CryptoKey): Promise<Server> =>
-  new Promise((resolve) => {
-    const server = createServer((req, res) => {
-      const chunks: Array<Buffer> = []
-      req.on("data", (chunk: Buffer) => chunks.push(chunk))
-      req.on("end", async () => {
-        try {
-          const { payload } = await jwtVerify((req.headers.authorization ?? "").slice(7), key, joseOptions)
-          const body = JSON.parse(Buffer.concat(chunks).toString("utf8"))
-          res.writeHead(payload["run"] === body.runId ? 200 : 403, { "content-type": "application/json" })
-          res.end("{\"id\":1}")
-        } catch {
-          res.writeHead(401, { "content-type": "application/json" })
-          res.end("{\"error\":\"Invalid token\"}")
-        }
-      })
-    })
-    server.listen(0, "127.0.0.1", () => resolve(server))
+  serverReadingBodies(async (request, body, response) => {
+    try {
+      const { payload, upload } = await checkUpload(request, body, key)
+      answer(response, payload["run"] === upload.runId ? 200 : 403, "{\"id\":1}")
+    } catch {
+      answer(response, 401, "{\"error\":\"Invalid token\"}")
+    }
   })
 
 /** Stores one checked upload; answers the snapshot id, or undefined when nothing was stored. */
@@ -136,38 +138,33 @@ const storeGrouped = (sql: postgres.Sql): StoreUpload => {
  * the layers runlane adds (Effect's HTTP server, typed errors, metrics) cost over the work itself.
  */
 const handWrittenServer = (key: webcrypto.CryptoKey, store: StoreUpload): Promise<Server> =>
-  new Promise((resolve) => {
-    const answer = (res: ServerResponse, status: number, body: unknown) => {
-      res.writeHead(status, { "content-type": "application/json" })
-      res.end(JSON.stringify(body))
-    }
-    const server = createServer((req, res) => {
-      const chunks: Array<Buffer> = []
-      req.on("data", (chunk: Buffer) => chunks.push(chunk))
-      req.on("end", async () => {
-        try {
-          const { payload } = await jwtVerify((req.headers.authorization ?? "").slice(7), key, joseOptions)
-          const body = JSON.parse(Buffer.concat(chunks).toString("utf8"))
-          if (typeof body.snapshotJsonl !== "string" || body.snapshotJsonl === "" || payload["run"] !== body.runId) {
-            return answer(res, 400, { error: "bad" })
-          }
-          const id = await store({
-            runId: body.runId,
-            organizationId: payload["org"] as string,
-            agentId: payload["agent"] as string,
-            conversationId: payload["conv"] as string,
-            snapshotJsonl: body.snapshotJsonl,
-            bytes: Buffer.byteLength(body.snapshotJsonl),
-            terminalStatus: body.terminalStatus
-          })
-          answer(res, id === undefined ? 409 : 200, { id: Number(id) })
-        } catch {
-          answer(res, 401, { error: "Invalid token" })
-        }
+  serverReadingBodies(async (request, body, response) => {
+    try {
+      const { payload, upload } = await checkUpload(request, body, key)
+      if (typeof upload.snapshotJsonl !== "string" || upload.snapshotJsonl === "" || payload["run"] !== upload.runId) {
+        return answer(response, 400, "{\"error\":\"bad\"}")
+      }
+      const id = await store({
+        runId: upload.runId,
+        organizationId: payload["org"] as string,
+        agentId: payload["agent"] as string,
+        conversationId: payload["conv"] as string,
+        snapshotJsonl: upload.snapshotJsonl,
+        bytes: Buffer.byteLength(upload.snapshotJsonl),
+        terminalStatus: upload.terminalStatus
       })
-    })
-    server.listen(0, "127.0.0.1", () => resolve(server))
+      answer(response, id === undefined ? 409 : 200, JSON.stringify({ id: Number(id) }))
+    } catch {
+      answer(response, 401, "{\"error\":\"Invalid token\"}")
+    }
   })
+
+/** Starts a server for the life of the scope; answers its port. */
+const listening = (start: () => Promise<Server>) =>
+  Effect.acquireRelease(
+    Effect.promise(start),
+    (server) => Effect.promise(() => new Promise<void>((resolve) => server.close(() => resolve())))
+  ).pipe(Effect.map((server) => (server.address() as { port: number }).port))
 
 export const httpBenchmarks = (url: string): Effect.Effect<ReadonlyArray<BenchResult>, unknown> =>
   Effect.gen(function*() {
@@ -175,26 +172,16 @@ export const httpBenchmarks = (url: string): Effect.Effect<ReadonlyArray<BenchRe
     const address = runlaneServer.address
     if (address._tag !== "InetAddressV4") return yield* Effect.die("expected an IPv4 address")
     const runlanePort = address.port
-    const bare = yield* Effect.acquireRelease(Effect.promise(bareServer), (server) =>
-      Effect.promise(() => new Promise<void>((resolve) => server.close(() => resolve()))))
-    const barePort = (bare.address() as { port: number }).port
+    const barePort = yield* listening(bareServer)
     const handSql = yield* Effect.acquireRelease(
       Effect.sync(() => postgres(url, { max: 20, onnotice: () => {} })),
       (sql) => Effect.promise(() => sql.end({ timeout: 5 }))
     )
     const key = yield* Effect.promise(() =>
       crypto.subtle.importKey("raw", new TextEncoder().encode(Redacted.value(secret)), { name: "HMAC", hash: "SHA-256" }, false, ["verify"]))
-    const hand = yield* Effect.acquireRelease(Effect.promise(() => handWrittenServer(key, storeOneByOne(handSql))), (server) =>
-      Effect.promise(() => new Promise<void>((resolve) => server.close(() => resolve()))))
-    const handPort = (hand.address() as { port: number }).port
-    const handGrouped = yield* Effect.acquireRelease(
-      Effect.promise(() => handWrittenServer(key, storeGrouped(handSql))),
-      (server) => Effect.promise(() => new Promise<void>((resolve) => server.close(() => resolve())))
-    )
-    const handGroupedPort = (handGrouped.address() as { port: number }).port
-    const tokenOnly = yield* Effect.acquireRelease(Effect.promise(() => tokenCheckOnlyServer(key)), (server) =>
-      Effect.promise(() => new Promise<void>((resolve) => server.close(() => resolve()))))
-    const tokenOnlyPort = (tokenOnly.address() as { port: number }).port
+    const handPort = yield* listening(() => handWrittenServer(key, storeOneByOne(handSql)))
+    const handGroupedPort = yield* listening(() => handWrittenServer(key, storeGrouped(handSql)))
+    const tokenOnlyPort = yield* listening(() => tokenCheckOnlyServer(key))
     const agent = yield* Effect.acquireRelease(
       Effect.sync(() => new Agent({ keepAlive: true, maxSockets: concurrency })),
       (agent) => Effect.sync(() => agent.destroy())
