@@ -120,7 +120,7 @@ export class UploadGroups {
     if (index !== -1) this.queue.splice(index, 1)
   }
 
-  /** Uploads waiting for a statement (for tests and metrics). */
+  /** Uploads waiting for a statement (the tests read it). */
   get queued(): number {
     return this.queue.length
   }

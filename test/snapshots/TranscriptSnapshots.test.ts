@@ -4,6 +4,7 @@ import { Database } from "../../src/db/Database.ts"
 import { RunsQueue } from "../../src/runs/RunsQueue.ts"
 import { maxSnapshotBytes, TranscriptSnapshots } from "../../src/snapshots/TranscriptSnapshots.ts"
 import { defaultUploadGroupLimits } from "../../src/snapshots/uploadGroups.ts"
+import { eventually } from "../support/lockHarness.ts"
 import { testDatabaseLayer } from "../support/testDatabase.ts"
 
 const TestLayer = Layer.mergeAll(TranscriptSnapshots.layer, RunsQueue.layer).pipe(Layer.provideMerge(testDatabaseLayer()))
@@ -136,10 +137,10 @@ layer(TestLayer, { excludeTestServices: true })("TranscriptSnapshots", (it) => {
       const held: Array<Fiber.Fiber<unknown, unknown>> = []
       for (const [index, runId] of runIds.slice(0, bound).entries()) {
         held.push(yield* Effect.forkChild(upload(runId)))
-        for (let polls = 0; (yield* waitingUploads) < index + 1; polls++) {
-          assert.isBelow(polls, 1_000, "an upload statement never reached the lock")
-          yield* Effect.sleep("5 millis")
-        }
+        yield* eventually(
+          `upload statement ${index + 1} waits on the lock`,
+          Effect.map(waitingUploads, (count) => count >= index + 1)
+        )
       }
       const givenUp = yield* Effect.forkChild(upload(runIds[bound]!))
       yield* Effect.yieldNow
