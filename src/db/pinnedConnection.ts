@@ -8,24 +8,24 @@
  * - `release()` twice hands one connection to two holders (porsager/postgres#1199 is the same family).
  *
  * So every pinned connection is identified (its postgres.js connection id, learnt through the pool's
- * `debug` hook from a query carrying a unique token) and the pool's `onclose` hook marks it closed
- * synchronously, in the same tick postgres.js drops the socket. A pinned connection refuses queries
- * once closed, releases at most once, and never releases a closed connection (postgres.js has already
- * taken it back). Side effect of the `debug` hook: postgres.js then makes the query text and parameters
- * of its errors enumerable; runlane never puts them in a DatabaseError message.
+ * `debug` hook from a token that this file binds as the last parameter of the connection's first
+ * query) and the pool's `onclose` hook marks it closed synchronously, in the tick postgres.js drops the
+ * socket. A pinned connection refuses queries once closed, releases at most once, and never releases a
+ * closed connection (postgres.js has already taken it back). The hooks live in postgresJsInternals.ts.
  */
 import { randomUUID } from "node:crypto"
 import type postgres from "postgres"
+import { backendPidOf, buildWithoutStackCapture, installConnectionHooks } from "./postgresJsInternals.ts"
 
 const tokenPrefix = "runlane-pin:"
 /**
  * Tokens are this process's random part plus a counter: unique per pin, and unguessable to anyone
- * who could put text into another query's last parameter. Cheaper than a UUID per pin.
+ * who could put text into another query's last parameter.
  */
 const processTokenSecret = randomUUID()
 let tokenCounter = 0
 
-/** Raised instead of touching a pinned connection that is known to be closed. */
+/** Raised instead of touching a pinned connection that is known to be closed or already given back. */
 export class PinnedConnectionClosed extends Error {
   // A connection-class code, so DatabaseError classifies it as retryable.
   readonly code = "CONNECTION_CLOSED"
@@ -34,89 +34,69 @@ export class PinnedConnectionClosed extends Error {
   }
 }
 
-/** A row of the identifying query: the backend pid, plus whatever the caller's first query selects. */
-export type IdentifiedRow = { readonly pid: number } & Readonly<Record<string, unknown>>
-
 /**
- * The first query on a pinned connection. It must bind `token` as its LAST parameter (the pool's
- * debug hook recognizes the connection by it; a trailing `where $n::text is not null` binds it without
- * selecting it back) and select `pg_backend_pid() as pid`, in exactly one row.
+ * Extra columns of the pinned connection's first query, so a caller's first statement costs no round
+ * trip of its own: `columns` is constant SQL text whose placeholders are `$1..$n`, bound to
+ * `parameters`. The query is `select pg_backend_pid() as pid, <columns> where $n+1::text is not null`,
+ * the last parameter being the identifying token.
  */
-export type FirstQuery = (sql: postgres.ReservedSql, token: string) => postgres.PendingQuery<Array<IdentifiedRow>>
+export interface FirstColumns {
+  readonly columns: string
+  readonly parameters: ReadonlyArray<string | number>
+}
 
-const ignore = (): undefined => undefined
-
-/**
- * A postgres.js query is already a Promise (a subclass whose `then` sends it); wrapping it in
- * Promise.resolve would add microtask hops. Callers attach a reaction at once, which sends it.
- */
-const asPromise = <A>(value: PromiseLike<A>): Promise<A> =>
-  value instanceof Promise ? (value as Promise<A>) : Promise.resolve(value)
-
-// The token only has to travel as a parameter (the debug hook reads it there); it is not selected back.
-const identifyOnly: FirstQuery = (sql, token) =>
-  sql<Array<IdentifiedRow>>`select pg_backend_pid() as pid where ${token}::text is not null`
+export type FirstRow = { readonly pid: number } & Readonly<Record<string, unknown>>
 
 export class PinnedConnection {
-  /** postgres.js connection id, known as soon as the identifying query is handed to the connection. */
+  /** postgres.js connection id, known as soon as the first query is handed to the connection. */
   connectionId: number | undefined = undefined
-  /** Server backend pid of the session. */
+  /** Server backend pid of the session, once the first query has answered (see `knownPid`). */
   pid = 0
   private isClosed = false
-  private isReleased = false
-  private readonly closeWaiters: Array<() => void> = []
-  /**
-   * The rows of the identifying query, which is sent the moment the connection is pinned, before
-   * anything else can run (`pid` is known once it answers). It is the caller's own first query when one
-   * was given (no extra statement), otherwise a bare `select pg_backend_pid()`.
-   */
-  readonly firstRows: Promise<ReadonlyArray<IdentifiedRow>>
-  private readyPromise: Promise<void> | undefined = undefined
+  private isGivenBack = false
+  private readonly closeListeners: Array<() => void> = []
+  private firstQuery: postgres.PendingQuery<Array<FirstRow>> | undefined = undefined
+  /** Identifies this connection to the tracker, as the last parameter of a query. */
+  private readonly token = `${tokenPrefix}${processTokenSecret}:${++tokenCounter}`
+  /** The row of the first query, which is sent the moment the connection is pinned. */
+  readonly firstRow: Promise<FirstRow>
 
   constructor(
     private readonly reserved: postgres.ReservedSql,
     private readonly tracker: ConnectionTracker,
-    first: FirstQuery = identifyOnly
+    first: FirstColumns | undefined
   ) {
-    this.firstRows = this.identify(first)
+    this.firstRow = this.identify(first)
     // Observed by whoever awaits it; a pinned connection abandoned early must not surface it.
-    this.firstRows.catch(ignore)
+    this.firstRow.catch(() => undefined)
   }
 
-  /** Settles when the identifying query has answered (made on first use: every promise reaction costs). */
-  get ready(): Promise<void> {
-    if (this.readyPromise === undefined) {
-      this.readyPromise = this.firstRows.then(ignore)
-      this.readyPromise.catch(ignore)
-    }
-    return this.readyPromise
-  }
-
-  /** true once postgres.js has seen the connection close; the session and its locks are gone. */
+  /** true once postgres.js has seen the connection close; the session and everything it held are gone. */
   get closed(): boolean {
     return this.isClosed
   }
 
-  get released(): boolean {
-    return this.isReleased
+  /**
+   * The backend pid, known as soon as the first query was handed to the connection (from postgres.js's
+   * own record of the session), even when its answer never comes; 0 before that.
+   */
+  get knownPid(): number {
+    if (this.pid === 0 && this.firstQuery !== undefined) this.pid = backendPidOf(this.firstQuery) ?? 0
+    return this.pid
   }
 
-  /** Resolves when the connection closes (never, if it is released healthy first). */
-  whenClosed(): Promise<void> {
-    return this.isClosed ? Promise.resolve() : new Promise((resolve) => this.closeWaiters.push(resolve))
-  }
-
-  /** Calls `listener` once when the connection closes (at once if it already has); no promise involved. */
+  /** Calls `listener` once when the connection closes (at once if it already has). */
   onClosed(listener: () => void): void {
     if (this.isClosed) listener()
-    else this.closeWaiters.push(listener)
+    else this.closeListeners.push(listener)
   }
 
   /** Called by the tracker, synchronously from postgres.js's close handler. */
   markClosed(): void {
     if (this.isClosed) return
     this.isClosed = true
-    for (const wake of this.closeWaiters.splice(0)) wake()
+    this.tracker.forget(this)
+    for (const listener of this.closeListeners.splice(0)) listener()
   }
 
   /**
@@ -125,81 +105,62 @@ export class PinnedConnection {
    * where postgres.js rejects it instead of crashing.
    */
   query<A>(f: (sql: postgres.ReservedSql) => PromiseLike<A>): Promise<A> {
-    if (this.isClosed || this.isReleased) return Promise.reject(new PinnedConnectionClosed(this.pid))
-    return asPromise(f(this.reserved))
-  }
-
-  /** `query` for destroy, which runs after the connection is already marked released. */
-  private reservedQuery<A>(f: (sql: postgres.ReservedSql) => PromiseLike<A>): Promise<A> {
-    if (this.isClosed) return Promise.reject(new PinnedConnectionClosed(this.pid))
-    return asPromise(f(this.reserved))
+    if (this.isClosed || this.isGivenBack) return Promise.reject(new PinnedConnectionClosed(this.pid))
+    return Promise.resolve(f(this.reserved))
   }
 
   /** Returns a healthy connection to the pool. At most once; a closed connection is already back. */
   release(): void {
-    if (this.isReleased) return
-    this.isReleased = true
+    if (this.isGivenBack) return
+    this.isGivenBack = true
     this.tracker.forget(this)
     if (!this.isClosed) this.reserved.release()
   }
 
   /**
-   * Ends the session so that whatever it holds is dropped, without ever returning it to the pool:
-   * `pg_terminate_backend` through `terminate` (a connection outside the pool: when every pool
-   * connection is pinned, a terminate queued on the pool would wait for itself), then waits (bounded)
-   * for postgres.js to see the close, after which postgres.js reconnects that slot on demand.
-   * Answers whether the close was seen.
+   * One attempt at ending the session without ever returning it to the pool: `pg_terminate_backend`
+   * through `terminate` (a connection outside the pool: when every pool connection is pinned, a
+   * terminate queued on the pool would wait for itself), then a bounded wait for postgres.js to see
+   * the close, after which it reconnects that slot on demand. Answers whether the close was seen; may
+   * be called again until it is.
    */
-  async destroy(terminate: (pid: number) => Promise<unknown>, timeoutMs: number): Promise<boolean> {
-    if (this.isReleased) return this.isClosed
-    this.isReleased = true
-    try {
-      if (this.isClosed) return true
-      const closed = this.whenClosed()
-      // The pid may still be on its way, or the identifying query failed without closing the session.
-      await withinMs(this.ready, timeoutMs).catch(() => undefined)
-      if (this.pid === 0 && !this.isClosed) {
-        await withinMs(this.reservedQuery((sql) => sql<Array<{ pid: number }>>`select pg_backend_pid() as pid`), timeoutMs)
-          .then(([row]) => {
-            this.pid = row?.pid ?? 0
-          }, () => undefined)
-      }
-      if (this.pid !== 0 && !this.isClosed) await withinMs(terminate(this.pid), timeoutMs).catch(() => undefined)
-      return await withinMs(closed.then(() => true), timeoutMs).catch(() => false)
-    } finally {
-      this.tracker.forget(this)
+  async terminate(terminate: (pid: number) => Promise<unknown>, timeoutMs: number): Promise<boolean> {
+    this.isGivenBack = true
+    if (this.isClosed) return true
+    const closed = new Promise<true>((resolve) => this.onClosed(() => resolve(true)))
+    if (this.knownPid === 0) {
+      // The first query never reached the connection: ask the session itself (bounded), with the token
+      // again, so the close hook learns which connection this is.
+      this.tracker.expect(this.token, this)
+      await withinMs(
+        this.reserved<Array<{ pid: number }>>`select pg_backend_pid() as pid where ${this.token}::text is not null`,
+        timeoutMs
+      ).then(([row]) => (this.pid = row?.pid ?? 0), () => undefined)
+      this.tracker.unexpect(this.token)
     }
+    if (this.knownPid !== 0 && !this.isClosed) await withinMs(terminate(this.knownPid), timeoutMs).catch(() => undefined)
+    return await withinMs(closed, timeoutMs).catch(() => false)
   }
 
-  /** The identifying query: learns the backend pid and, through the debug hook, the connection id. */
-  private identify(first: FirstQuery): Promise<ReadonlyArray<IdentifiedRow>> {
-    const token = `${tokenPrefix}${processTokenSecret}:${++tokenCounter}`
+  /** The first query: learns the backend pid and, through the debug hook, the connection id. */
+  private identify(first: FirstColumns | undefined): Promise<FirstRow> {
+    const token = this.token
+    const parameters = [...(first?.parameters ?? []), token]
+    const text = `select pg_backend_pid() as pid${first === undefined ? "" : `, ${first.columns}`}` +
+      ` where $${parameters.length}::text is not null`
     this.tracker.expect(token, this)
     return this.query((sql) => {
-      // postgres.js copies the pool's `debug` option onto each reserved handle, and with it set every
-      // query captures a stack trace (`new Error()` in its constructor, tens of µs). Only the pool's
-      // connection-level hook is needed here: this first query is built without stack capture, and
-      // the capture is then turned off for the handle (query.handler is the handle's dispatcher).
-      const stackTraceLimit = Error.stackTraceLimit
-      Error.stackTraceLimit = 0
-      let query: ReturnType<FirstQuery>
-      try {
-        query = first(sql, token)
-      } finally {
-        Error.stackTraceLimit = stackTraceLimit
-      }
-      const handler = (query as unknown as { handler?: { debug?: unknown } }).handler
-      if (handler !== undefined) handler.debug = false
-      return query
+      this.firstQuery = buildWithoutStackCapture(() => sql.unsafe<Array<FirstRow>>(text, parameters, { prepare: true }))
+      return this.firstQuery
+    }).then((rows) => {
+      this.tracker.unexpect(token)
+      const row = rows[0]!
+      this.pid = row.pid
+      return row
+    }, (error: unknown) => {
+      this.tracker.unexpect(token)
+      throw error
     })
-      .then((rows) => {
-        this.tracker.unexpect(token)
-        this.pid = rows[0]!.pid
-        return rows
-      }, (error: unknown) => {
-        this.tracker.unexpect(token)
-        throw error
-      })
   }
 }
 
@@ -207,8 +168,6 @@ export class PinnedConnection {
 export const withinMs = <A>(promise: PromiseLike<A>, ms: number): Promise<A> =>
   new Promise((resolve, reject) => {
     const timer = setTimeout(() => reject(new Error(`timed out after ${ms} ms`)), ms)
-    // `then` directly, not Promise.resolve(promise).then: a postgres.js query is a Promise subclass, and
-    // adopting it would cost extra microtask hops on every lock and unlock.
     promise.then(
       (value) => {
         clearTimeout(timer)
@@ -221,36 +180,28 @@ export const withinMs = <A>(promise: PromiseLike<A>, ms: number): Promise<A> =>
     )
   })
 
-/** Hooks installed on the pool: which connection each pinned handle runs on, and when one closes. */
+/** The pool's hooks: which connection each pinned handle runs on, and when one closes. */
 export class ConnectionTracker {
   private readonly expected = new Map<string, PinnedConnection>()
   private readonly byConnectionId = new Map<number, PinnedConnection>()
 
-  /** Pinned connections currently tracked (not yet released or destroyed). */
+  constructor(sql: postgres.Sql) {
+    installConnectionHooks(sql, {
+      onQuery: (connectionId, parameters) => this.onQuery(connectionId, parameters),
+      onClose: (connectionId) => this.onClose(connectionId)
+    })
+  }
+
+  /** Pinned connections currently tracked (not yet given back, not yet seen closed). */
   get size(): number {
     return this.byConnectionId.size
   }
 
-  /** Chains the hooks onto the pool's options; postgres.js reads both options at call time. */
-  install(sql: postgres.Sql): void {
-    const options = sql.options as { debug: unknown; onclose: unknown }
-    const previousDebug = options.debug
-    const previousOnClose = options.onclose
-    options.debug = (connectionId: number, query: string, parameters: Array<unknown>, types: Array<unknown>) => {
-      this.onQuery(connectionId, parameters)
-      if (typeof previousDebug === "function") previousDebug(connectionId, query, parameters, types)
-    }
-    options.onclose = (connectionId: number) => {
-      this.onClose(connectionId)
-      if (typeof previousOnClose === "function") previousOnClose(connectionId)
-    }
-  }
-
   /**
-   * Must be called in the same tick the reservation resolved: the identifying query is then written
-   * before postgres.js can process a close of that connection.
+   * Must be called in the same tick the reservation resolved: the first query is then written before
+   * postgres.js can process a close of that connection.
    */
-  pin(reserved: postgres.ReservedSql, first?: FirstQuery): PinnedConnection {
+  pin(reserved: postgres.ReservedSql, first: FirstColumns | undefined): PinnedConnection {
     return new PinnedConnection(reserved, this, first)
   }
 
@@ -268,7 +219,7 @@ export class ConnectionTracker {
     }
   }
 
-  private onQuery(connectionId: number, parameters: Array<unknown>): void {
+  private onQuery(connectionId: number, parameters: ReadonlyArray<unknown>): void {
     const token = parameters[parameters.length - 1]
     if (typeof token !== "string" || !token.startsWith(tokenPrefix)) return
     const pinned = this.expected.get(token)
@@ -278,9 +229,6 @@ export class ConnectionTracker {
   }
 
   private onClose(connectionId: number): void {
-    const pinned = this.byConnectionId.get(connectionId)
-    if (pinned === undefined) return
-    this.byConnectionId.delete(connectionId)
-    pinned.markClosed()
+    this.byConnectionId.get(connectionId)?.markClosed()
   }
 }
