@@ -6,8 +6,14 @@
 /** Connections left for everything that is not a conversation lock (queries, claims, health). */
 export const poolHeadroom = 5
 
-/** The share of the cap at which one warning is logged (re-armed when the count falls back below). */
+/** The share of the cap at which the near-cap warning fires. */
 export const nearCapShare = 0.8
+
+/** The share of the cap the count must fall to before the warning can fire again (hysteresis). */
+export const nearCapRearmShare = 0.5
+
+/** Shortest time between two near-cap warnings, however often the count crosses: one per minute. */
+export const nearCapWarningIntervalMs = 60_000
 
 export const capVariable = "RUNLANE_MAX_RESERVED_LOCKS"
 
@@ -50,3 +56,35 @@ export const resolveLockCap = (poolMax: number, override: string | undefined): C
 
 /** The count at which the near-cap warning fires; none for a cap of 0. */
 export const nearCapThreshold = (cap: number): number => (cap > 0 ? Math.ceil(cap * nearCapShare) : Number.POSITIVE_INFINITY)
+
+/** The count at or below which a fired warning re-arms: half the cap, rounded down (cap 1: 0, cap 6: 3). */
+export const nearCapRearmAt = (cap: number): number => Math.floor(cap * nearCapRearmShare)
+
+/**
+ * The near-cap warning: fires when the count rises to the threshold, then stays silent until the
+ * count has fallen to the re-arm level and at least `intervalMs` has passed. At cap 1 the threshold is
+ * 1 and the re-arm level 0, so without the interval every lock cycle would warn. Pure: time is passed in.
+ */
+export class NearCapAlarm {
+  private armed = true
+  private lastFiredAt = Number.NEGATIVE_INFINITY
+  readonly threshold: number
+  readonly rearmAt: number
+
+  constructor(cap: number, private readonly intervalMs: number = nearCapWarningIntervalMs) {
+    this.threshold = nearCapThreshold(cap)
+    this.rearmAt = nearCapRearmAt(cap)
+  }
+
+  /** Called after every change of the count; true when a warning is due now (only ever on a rise). */
+  observe(count: number, rose: boolean, nowMs: number): boolean {
+    if (!this.armed) {
+      if (count <= this.rearmAt) this.armed = true
+      return false
+    }
+    if (!rose || count < this.threshold || nowMs - this.lastFiredAt < this.intervalMs) return false
+    this.armed = false
+    this.lastFiredAt = nowMs
+    return true
+  }
+}

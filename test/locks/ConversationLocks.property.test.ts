@@ -1,154 +1,256 @@
 /**
- * Generated programs of acquires, holds, releases, failures and interruptions over a few keys, with a
- * fault injected at every await of the lock's life. After every program the harness checks the end
- * state (count zero, no advisory lock in the namespace, the pool serving DB_POOL_MAX sessions), and
- * during it that no key ever had two holders (pg_locks must name the holder's own session).
+ * Generated cases, each placing one fault deliberately: at which await of the lock's life it fires
+ * (reserve, the first query that identifies the session and takes the lock, its answer, each unlock
+ * attempt, the terminate, the release, the keepalive) and whether it throws, answers wrongly or hangs
+ * past its bound; and how the holder ends (its scope closes, its work fails, it is interrupted while
+ * holding or while the acquire waits, its scope is closed from another fiber, or it retries a busy
+ * conversation several times inside one long-lived scope).
+ *
+ * Every case asserts that its fault fired, which release outcome followed (from the error log line
+ * the session writes), and the end state: held, inFlight and stranded each exactly zero, no advisory
+ * lock of the namespace in pg_locks, every pool connection idle and usable, and no warning or error
+ * logged except those the case expects.
  */
 import { assert, layer } from "@effect/vitest"
-import { Effect, Fiber, Layer, References } from "effect"
+import { Deferred, Effect, Exit, Fiber, Scope } from "effect"
 import fc from "fast-check"
 import { Database } from "../../src/db/Database.ts"
 import { ConversationLocks } from "../../src/locks/ConversationLocks.ts"
-import { type ConversationKey, conversationLockHash } from "../../src/locks/lockKey.ts"
-import { expectQuiescent, holdersOf, LockHarness, lockHarnessLayer } from "../support/lockHarness.ts"
+import type { ConversationKey } from "../../src/locks/lockKey.ts"
+import type { FaultQueues } from "../support/faultyClient.ts"
+import { eventually, expectQuiescent, LockHarness, lockHarnessLayer } from "../support/lockHarness.ts"
 
-const keys: ReadonlyArray<ConversationKey> = [0, 1, 2].map((n) => ({
+const keys: ReadonlyArray<ConversationKey> = [0, 1].map((n) => ({
   organizationId: "org",
   agentId: "agent",
-  conversationId: `conversation:${n}`
+  conversationId: `property:${n}`
 }))
 
-const faults = [
-  "none",
-  "reserveThrows",
-  "reserveArrivesLate",
-  "lockQueryThrows",
-  "lockAnswerLost",
-  "unlockThrowsOnce",
-  "unlockAlwaysThrows",
-  "unlockReturnsFalse",
-  "releaseThrows",
-  "backendTerminated"
+type Queued = Partial<Pick<FaultQueues, "reserve" | "firstQuery" | "unlock" | "keepalive" | "release">>
+
+interface Scenario {
+  readonly name: string
+  readonly faults: Queued
+  readonly terminatePath?: "refuse" | "blackhole"
+  /** How the acquire comes out when nothing else holds the key. */
+  readonly acquire: "held" | "PoolExhausted" | "DatabaseError"
+  /** The fired fault that says the acquire is waiting at its await (for the "pending" endings). */
+  readonly waitsAt?: string
+  /** While held: the session is lost, by a keepalive with no answer or a terminated backend. */
+  readonly loss?: "keepalive" | "backendTerminated"
+  /** The connection outcome named by the session's error log line, or "clean" for none. */
+  readonly end: "clean" | "terminated" | "stranded" | "release failed"
+}
+
+const scenarios: ReadonlyArray<Scenario> = [
+  { name: "no fault", faults: {}, acquire: "held", end: "clean" },
+  { name: "reserve throws", faults: { reserve: ["throw"] }, acquire: "DatabaseError", end: "clean" },
+  { name: "reserve arrives past its bound", faults: { reserve: ["late"] }, acquire: "PoolExhausted", waitsAt: "reserve:late", end: "clean" },
+  { name: "first query throws unsent", faults: { firstQuery: ["throw"] }, acquire: "DatabaseError", end: "terminated" },
+  { name: "lock answer lost", faults: { firstQuery: ["answerLost"] }, acquire: "DatabaseError", end: "terminated" },
+  { name: "lock answer hangs", faults: { firstQuery: ["hang"] }, acquire: "DatabaseError", waitsAt: "firstQuery:hang", end: "terminated" },
+  { name: "lock answer malformed", faults: { firstQuery: ["malformed"] }, acquire: "DatabaseError", end: "terminated" },
+  { name: "first unlock throws", faults: { unlock: ["throw"] }, acquire: "held", end: "clean" },
+  { name: "two unlocks throw", faults: { unlock: ["throw", "throw"] }, acquire: "held", end: "clean" },
+  { name: "first unlock hangs", faults: { unlock: ["hang"] }, acquire: "held", end: "clean" },
+  { name: "every unlock throws", faults: { unlock: ["throw", "throw", "throw"] }, acquire: "held", end: "terminated" },
+  { name: "every unlock hangs", faults: { unlock: ["hang", "hang", "hang"] }, acquire: "held", end: "terminated" },
+  { name: "unlock answers not held", faults: { unlock: ["false"] }, acquire: "held", end: "terminated" },
+  {
+    name: "unlocks fail and the terminate cannot connect",
+    faults: { unlock: ["throw", "throw", "throw"] },
+    terminatePath: "refuse",
+    acquire: "held",
+    end: "stranded"
+  },
+  {
+    name: "unlocks fail and the terminate gets no answer",
+    faults: { unlock: ["hang", "throw", "hang"] },
+    terminatePath: "blackhole",
+    acquire: "held",
+    end: "stranded"
+  },
+  { name: "release throws", faults: { release: ["throwAfter"] }, acquire: "held", end: "release failed" },
+  { name: "keepalive unanswered", faults: { keepalive: ["hang"] }, acquire: "held", loss: "keepalive", end: "terminated" },
+  { name: "backend terminated while held", faults: {}, acquire: "held", loss: "backendTerminated", end: "clean" }
+]
+
+const endings = [
+  "scopeCloses",
+  "workFails",
+  "interruptedWhileHeld",
+  "scopeClosedByAnotherFiberWhileHeld",
+  "interruptedWhileWaiting",
+  "scopeClosedByAnotherFiberWhileWaiting",
+  "busyRetriesInOneScope"
 ] as const
-type Fault = (typeof faults)[number]
+type Ending = (typeof endings)[number]
 
-const endings = ["release", "fail", "interrupt"] as const
+const applies = (scenario: Scenario, ending: Ending): boolean => {
+  switch (ending) {
+    case "interruptedWhileWaiting":
+    case "scopeClosedByAnotherFiberWhileWaiting":
+      return scenario.waitsAt !== undefined
+    case "busyRetriesInOneScope":
+      // Busy attempts never unlock, keep alive or release a held lock: only faults of the acquire apply.
+      return scenario.acquire !== "held" || (Object.keys(scenario.faults).length === 0 && scenario.loss === undefined)
+    default:
+      return true
+  }
+}
 
-interface Actor {
-  readonly key: number
-  readonly fault: Fault
-  readonly ending: (typeof endings)[number]
-  readonly startAfterMs: number
+interface Case {
+  readonly scenario: Scenario
+  readonly ending: Ending
+  readonly attempts: number
   readonly holdMs: number
 }
 
-const actor: fc.Arbitrary<Actor> = fc.record({
-  key: fc.integer({ min: 0, max: keys.length - 1 }),
-  fault: fc.constantFrom(...faults),
+const cases: fc.Arbitrary<Case> = fc.record({
+  scenario: fc.constantFrom(...scenarios),
   ending: fc.constantFrom(...endings),
-  startAfterMs: fc.integer({ min: 0, max: 10 }),
-  holdMs: fc.integer({ min: 0, max: 15 })
-})
+  attempts: fc.integer({ min: 2, max: 4 }),
+  holdMs: fc.integer({ min: 0, max: 10 })
+}).filter((c) => applies(c.scenario, c.ending))
 
-/** Generated programs per CI run. */
-const numRuns = 200
+/** Generated cases per CI run. */
+const numRuns = 300
 
-const timings = { reserveTimeoutMs: 150, keepaliveMs: 100, lateMs: 250 } as const
+const timings = { reserveTimeoutMs: 150, keepaliveMs: 100, releaseTimeoutMs: 100, lateMs: 250 } as const
 
-const TestLayer = lockHarnessLayer({
-  poolMax: 4,
-  cap: 3,
-  reserveTimeoutMs: timings.reserveTimeoutMs,
-  keepaliveMs: timings.keepaliveMs
-}).pipe(
-  // Finalizer failures are logged by design; hundreds of injected ones would drown the test output.
-  Layer.provideMerge(Layer.succeed(References.MinimumLogLevel, "None"))
-)
+class WorkFailed {
+  readonly _tag = "WorkFailed"
+}
 
-class TwoHolders extends Error {}
-
-layer(TestLayer, { excludeTestServices: true })("ConversationLocks under generated faults", (it) => {
-  it.effect(`${numRuns} programs: nothing leaks, no key ever has two holders`, () =>
+layer(lockHarnessLayer({ poolMax: 4, cap: 3, ...timings }), { excludeTestServices: true })("ConversationLocks under placed faults", (it) => {
+  it.effect(`${numRuns} cases: the fault fires, the release outcome is the expected one, nothing leaks`, () =>
     Effect.gen(function*() {
       const locks = yield* ConversationLocks
       const harness = yield* LockHarness
       const context = yield* Effect.context<ConversationLocks | LockHarness | Database>()
       const run = Effect.runPromiseWith(context)
-      const queue = harness.faults
-      queue.lateMs = timings.lateMs
+      harness.faults.lateMs = timings.lateMs
 
-      const inject = (fault: Fault) => {
-        switch (fault) {
-          case "reserveThrows": return void queue.reserve.push("throw")
-          case "reserveArrivesLate": return void queue.reserve.push("late")
-          case "lockQueryThrows": return void queue.lock.push("throw")
-          case "lockAnswerLost": return void queue.lock.push("throwAfter")
-          case "unlockThrowsOnce": return void queue.unlock.push("throw")
-          case "unlockAlwaysThrows": return void queue.unlock.push("throw", "throw", "throw")
-          case "unlockReturnsFalse": return void queue.unlock.push("false")
-          case "releaseThrows": return void queue.release.push("throwAfter")
-          default: return
+      const inject = (scenario: Scenario) => {
+        for (const [point, queued] of Object.entries(scenario.faults)) {
+          ;(harness.faults[point as keyof Queued] as Array<string>).push(...(queued as Array<string>))
         }
+        if (scenario.terminatePath !== undefined) harness.terminatePath.mode = scenario.terminatePath
       }
+      const fired = (marker: string) => eventually(`${marker} fired`, Effect.sync(() => harness.faults.fired.includes(marker)))
 
-      const runActor = (a: Actor, id: number, holders: Map<number, number>) => {
-        const key = keys[a.key]!
-        const hold = Effect.scoped(Effect.gen(function*() {
-          const lock = yield* locks.acquire(key)
-          if (holders.has(a.key)) return yield* Effect.die(new TwoHolders(`key ${a.key} held by ${holders.get(a.key)} and ${id}`))
-          holders.set(a.key, id)
-          yield* Effect.gen(function*() {
-            const inDatabase = yield* holdersOf(conversationLockHash(key))
-            if (inDatabase.length !== 1 || inDatabase[0] !== lock.backendPid) {
-              return yield* Effect.die(new TwoHolders(`pg_locks shows ${JSON.stringify(inDatabase)} for key ${a.key}, holder ${lock.backendPid}`))
-            }
-            if (a.fault === "backendTerminated") {
-              // Uninterruptible: an interrupt arriving between the terminate and its effect would
-              // release the lock and let the terminate kill an innocent pool connection instead.
-              // The holder stops counting as one when its session dies: another session may take the
-              // lock before this client hears of the death, which is what a lost lock means.
-              yield* Effect.uninterruptible(Effect.gen(function*() {
-                holders.delete(a.key)
-                yield* Effect.promise(() => harness.admin`select pg_terminate_backend(${lock.backendPid})`)
-                yield* lock.awaitLost.pipe(Effect.timeout(5_000))
-              }))
-            }
-            yield* Effect.sleep(a.holdMs)
-            if (a.ending === "fail") return yield* Effect.fail("the holder's work failed" as const)
-          }).pipe(Effect.ensuring(Effect.sync(() => {
-            if (holders.get(a.key) === id) holders.delete(a.key)
-          })))
-        }))
-        const attempt = Effect.sleep(a.startAfterMs).pipe(
-          Effect.andThen(hold),
-          // Expected outcomes of a faulty world; anything else (a defect) fails the property.
-          Effect.catchTag(["ConversationBusy", "LockCapReached", "PoolExhausted", "DatabaseError"], () => Effect.void),
-          Effect.catch(() => Effect.void)
-        )
-        if (a.ending !== "interrupt") return attempt
-        return Effect.gen(function*() {
-          const fiber = yield* Effect.forkChild(attempt)
-          yield* Effect.sleep(a.startAfterMs + a.holdMs)
-          yield* Fiber.interrupt(fiber)
+      /** Acquires in `scope`, then ends as the case says. */
+      const holdAndEnd = (c: Case, scope: Scope.Closeable) =>
+        Effect.gen(function*() {
+          const lock = yield* locks.acquire(keys[0]!).pipe(Scope.provide(scope))
+          if (c.scenario.loss === "backendTerminated") {
+            yield* Effect.promise(() => harness.admin`select pg_terminate_backend(${lock.backendPid})`)
+          }
+          if (c.scenario.loss !== undefined) yield* lock.awaitLost.pipe(Effect.timeout(5_000))
+          yield* Effect.sleep(c.holdMs)
+          if (c.ending === "workFails") return yield* Effect.fail(new WorkFailed())
         })
-      }
 
+      const playEnding = (c: Case) =>
+        Effect.gen(function*() {
+          const scope = yield* Scope.make()
+          switch (c.ending) {
+            case "scopeCloses":
+            case "workFails": {
+              const exit = yield* Effect.exit(holdAndEnd(c, scope))
+              yield* Scope.close(scope, exit)
+              return exit
+            }
+            case "interruptedWhileHeld":
+            case "scopeClosedByAnotherFiberWhileHeld": {
+              const held = yield* Deferred.make<void>()
+              const fiber = yield* Effect.forkChild(
+                holdAndEnd(c, scope).pipe(Effect.andThen(Deferred.succeed(held, undefined)), Effect.andThen(Effect.never))
+              )
+              yield* Effect.raceFirst(Deferred.await(held), Effect.asVoid(Fiber.await(fiber)))
+              // Either the holder is interrupted (its scope then closes), or its scope is closed under it.
+              if (c.ending === "interruptedWhileHeld") yield* Fiber.interrupt(fiber)
+              yield* Scope.close(scope, Exit.void)
+              yield* Fiber.interrupt(fiber)
+              return yield* Fiber.await(fiber)
+            }
+            case "interruptedWhileWaiting":
+            case "scopeClosedByAnotherFiberWhileWaiting": {
+              const fiber = yield* Effect.forkChild(locks.acquire(keys[0]!).pipe(Scope.provide(scope)))
+              yield* fired(c.scenario.waitsAt!)
+              if (c.ending === "interruptedWhileWaiting") yield* Fiber.interrupt(fiber)
+              yield* Scope.close(scope, Exit.void)
+              const exit = yield* Fiber.await(fiber)
+              assert.isTrue(Exit.isFailure(exit) && exit.cause.reasons.some((r) => r._tag === "Interrupt"), "ended as interrupted")
+              return exit
+            }
+            case "busyRetriesInOneScope": {
+              const competitor = yield* Scope.make()
+              harness.clearFaults()
+              yield* locks.acquire(keys[0]!).pipe(Scope.provide(competitor))
+              inject(c.scenario)
+              yield* Effect.gen(function*() {
+                for (let attempt = 0; attempt < c.attempts; attempt++) {
+                  const error = yield* Effect.flip(locks.acquire(keys[0]!).pipe(Scope.provide(scope)))
+                  const expected = attempt === 0 && c.scenario.acquire !== "held" ? c.scenario.acquire : "ConversationBusy"
+                  assert.strictEqual(error._tag, expected, `attempt ${attempt}`)
+                  const usage = yield* locks.localUsage
+                  assert.strictEqual(usage.held, 1, "only the competitor holds")
+                  assert.strictEqual(usage.inFlight, 0, "nothing in flight between attempts")
+                }
+                // The same long-lived scope still gets another conversation.
+                yield* locks.acquire(keys[1]!).pipe(Scope.provide(scope))
+              })
+              yield* Scope.close(scope, Exit.void)
+              yield* Scope.close(competitor, Exit.void)
+              return Exit.void
+            }
+          }
+        })
+
+      const check = (c: Case, exit: Exit.Exit<unknown, unknown>, logsBefore: number) =>
+        Effect.gen(function*() {
+          const label = `${c.scenario.name} / ${c.ending}`
+          const queued = Object.values(c.scenario.faults).reduce((n, q) => n + q.length, 0)
+          if (c.ending !== "busyRetriesInOneScope" || c.scenario.acquire !== "held") {
+            assert.strictEqual(harness.faults.fired.length, queued, `${label}: every fault fired (${harness.faults.fired})`)
+          }
+          if (c.ending === "scopeCloses" && c.scenario.acquire !== "held") {
+            assert.isTrue(Exit.isFailure(exit) && exit.cause.reasons.some((r) => r._tag === "Fail" && (r.error as { _tag: string })._tag === c.scenario.acquire), `${label}: acquire failed with ${c.scenario.acquire}`)
+          }
+          if (c.scenario.terminatePath !== undefined) {
+            yield* eventually(`${label}: stranded`, Effect.map(locks.localUsage, (u) => u.stranded === 1))
+            harness.terminatePath.mode = "pass"
+          }
+          yield* expectQuiescent
+          const logs = harness.logs.slice(logsBefore).filter((line) => line.level === "Warn" || line.level === "Error")
+          const errors = logs.filter((line) => line.level === "Error")
+          const expectedEnd = c.ending === "busyRetriesInOneScope" && c.scenario.acquire === "held" ? "clean" : c.scenario.end
+          if (expectedEnd === "clean") {
+            assert.deepStrictEqual(errors.map((line) => line.message), [], `${label}: no error logged`)
+          } else {
+            assert.strictEqual(errors.length, 1, `${label}: one error logged, got ${JSON.stringify(errors)}`)
+            assert.strictEqual(errors[0]!.annotations["connection"], expectedEnd, `${label}: release outcome`)
+          }
+          const warnings = logs.filter((line) => line.level === "Warn").map((line) => line.message)
+          assert.deepStrictEqual(warnings, c.scenario.loss === undefined ? [] : ["Conversation lock lost"], `${label}: warnings`)
+        })
+
+      let played = 0
       yield* Effect.promise(() =>
         fc.assert(
-          fc.asyncProperty(fc.array(actor, { minLength: 1, maxLength: 5 }), async (program) => {
-            queue.reserve.length = queue.lock.length = queue.unlock.length = queue.release.length = 0
-            for (const a of program) inject(a.fault)
-            const holders = new Map<number, number>()
-            await run(Effect.all(program.map((a, id) => runActor(a, id, holders)), { concurrency: "unbounded" }))
-            queue.reserve.length = queue.lock.length = queue.unlock.length = queue.release.length = 0
-            await run(expectQuiescent)
+          fc.asyncProperty(cases, async (c) => {
+            harness.clearFaults()
+            harness.terminatePath.mode = "pass"
+            const logsBefore = harness.logs.length
+            if (c.ending !== "busyRetriesInOneScope") inject(c.scenario)
+            const exit = await run(playEnding(c))
+            await run(check(c, exit, logsBefore))
+            played++
           }),
           { numRuns }
         )
       )
-      const usage = yield* locks.localUsage
-      assert.isAbove(usage.acquired, 0)
-      assert.isAbove(usage.lost, 0)
-      assert.isAbove(usage.busy, 0)
-    }), { timeout: 600_000 })
+      assert.strictEqual(played, numRuns)
+    }), { timeout: 900_000 })
 })

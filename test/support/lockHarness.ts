@@ -5,16 +5,29 @@
  */
 import { randomUUID } from "node:crypto"
 import { assert } from "@effect/vitest"
-import { Context, Effect, Layer, Redacted } from "effect"
+import { Context, Effect, Layer, Logger, Redacted, References } from "effect"
 import postgres from "postgres"
 import { Database } from "../../src/db/Database.ts"
 import { ConversationLocks, type ConversationLocksOptions } from "../../src/locks/ConversationLocks.ts"
 import { defaultLockNamespace } from "../../src/locks/lockKey.ts"
 import { type FaultQueues, makeFaultyClient } from "./faultyClient.ts"
+import { hostAndPort, startTcpProxy, type TcpProxy, throughProxy } from "./tcpProxy.ts"
 import { acquireTestDatabase } from "./testDatabase.ts"
+
+export interface LoggedLine {
+  readonly level: string
+  readonly message: string
+  readonly annotations: Readonly<Record<string, unknown>>
+}
 
 export class LockHarness extends Context.Service<LockHarness, {
   readonly faults: FaultQueues
+  /** Clears every queued fault and the record of fired ones. */
+  readonly clearFaults: () => void
+  /** The path of runlane's one-off terminate connections: cut it to make a terminate fail. */
+  readonly terminatePath: TcpProxy
+  /** Every line ConversationLocks logged at Info or above, oldest first. */
+  readonly logs: Array<LoggedLine>
   /** A connection outside runlane's pool. */
   readonly admin: postgres.Sql
   readonly poolMax: number
@@ -27,7 +40,7 @@ export interface HarnessOptions extends Partial<ConversationLocksOptions> {
 }
 
 /** Short timings keep fault cases fast; they are the same code paths as the defaults. */
-export const testTimings = { reserveTimeoutMs: 300, keepaliveMs: 250 } as const
+export const testTimings = { reserveTimeoutMs: 300, keepaliveMs: 250, releaseTimeoutMs: 300, terminateTimeoutMs: 1_000 } as const
 
 export const lockHarnessLayer = (options: HarnessOptions) =>
   Layer.unwrap(
@@ -38,25 +51,47 @@ export const lockHarnessLayer = (options: HarnessOptions) =>
         Effect.sync(() => makeFaultyClient(handle.url, options.poolMax, applicationName)),
         (client) => Effect.promise(client.end)
       )
+      const terminatePath = yield* Effect.acquireRelease(
+        Effect.promise(() => startTcpProxy(hostAndPort(handle.url))),
+        (proxy) => Effect.promise(proxy.close)
+      )
       const admin = yield* Effect.acquireRelease(
         Effect.sync(() => postgres(handle.url, { max: 2, onnotice: () => {} })),
         (sql) => Effect.promise(() => sql.end({ timeout: 5 }))
       )
-      const database = Database.layerFromClient(faulty.sql, { url: Redacted.make(handle.url), poolMax: options.poolMax })
+      // runlane's terminate connections go through the proxy; the pool itself connects directly.
+      const database = Database.layerFromClient(faulty.sql, {
+        url: Redacted.make(throughProxy(handle.url, terminatePath)),
+        poolMax: options.poolMax
+      })
       const locks = ConversationLocks.layerWith({
         cap: options.cap ?? Math.max(1, options.poolMax - 5),
         namespace: options.namespace ?? defaultLockNamespace,
         reserveTimeoutMs: options.reserveTimeoutMs ?? testTimings.reserveTimeoutMs,
-        keepaliveMs: options.keepaliveMs ?? testTimings.keepaliveMs
+        keepaliveMs: options.keepaliveMs ?? testTimings.keepaliveMs,
+        releaseTimeoutMs: options.releaseTimeoutMs ?? testTimings.releaseTimeoutMs,
+        terminateTimeoutMs: options.terminateTimeoutMs ?? testTimings.terminateTimeoutMs
+      })
+      const logs: Array<LoggedLine> = []
+      const collect = Logger.make((line) => {
+        if (line.logLevel === "Debug" || line.logLevel === "Trace") return
+        const message = Array.isArray(line.message) ? line.message.map(String).join(" ") : String(line.message)
+        logs.push({ level: line.logLevel, message, annotations: { ...line.fiber.getRef(References.CurrentLogAnnotations) } })
       })
       const harness = Layer.succeed(LockHarness, {
         faults: faulty.faults,
+        clearFaults: faulty.clear,
+        terminatePath,
+        logs,
         admin,
         poolMax: options.poolMax,
         applicationName,
         url: handle.url
       })
-      return Layer.mergeAll(locks, harness).pipe(Layer.provideMerge(database))
+      return Layer.mergeAll(locks, harness).pipe(
+        Layer.provideMerge(database),
+        Layer.provideMerge(Logger.layer([collect]))
+      )
     })
   )
 
@@ -122,7 +157,9 @@ export const expectQuiescent = Effect.gen(function*() {
   const locks = yield* ConversationLocks
   const database = yield* Database
   const harness = yield* LockHarness
-  yield* eventually("the lock count back at zero", Effect.map(locks.localUsage, (u) => u.held + u.inFlight === 0))
+  yield* eventually("no lock held", Effect.map(locks.localUsage, (u) => u.held === 0))
+  yield* eventually("no acquire in flight", Effect.map(locks.localUsage, (u) => u.inFlight === 0))
+  yield* eventually("no stranded session", Effect.map(locks.localUsage, (u) => u.stranded === 0))
   yield* eventually("no advisory lock left in the namespace", Effect.map(advisoryLocksInNamespace, (n) => n === 0))
   // A reservation that arrived after its timeout is released on arrival, so allow it to come back;
   // a stranded connection never does.
