@@ -78,6 +78,8 @@ export const OrchestratorHealth = Schema.Struct({
   near_cap: Schema.Boolean,
   held: Schema.Number,
   in_flight: Schema.Number,
+  /** Sessions that may still hold a lock, whose terminate is being retried; they count against the cap. */
+  stranded: Schema.Number,
   oldest_hold_ms: Schema.NullOr(Schema.Number),
   acquired_total: Schema.Number,
   busy_total: Schema.Number,

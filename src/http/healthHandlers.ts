@@ -69,11 +69,12 @@ export const HealthHandlers = HttpApiBuilder.group(
           )
           return {
             status: "ok" as const,
-            reserved_conversation_locks: usage.held + usage.inFlight,
+            reserved_conversation_locks: usage.held + usage.inFlight + usage.stranded,
             reserved_conversation_locks_cap: usage.cap,
             near_cap: usage.nearCap,
             held: usage.held,
             in_flight: usage.inFlight,
+            stranded: usage.stranded,
             oldest_hold_ms: usage.oldestHoldMs,
             acquired_total: usage.acquired,
             busy_total: usage.busy,

@@ -12,8 +12,8 @@ const metric = (name: string, type: "gauge" | "counter", help: string, samples: 
 
 export const lockMetricsText = (usage: LocalLockUsage): string =>
   [
-    metric("runlane_conversation_locks_reserved", "gauge", "Connections pinned for conversation locks (held and in flight)", [
-      `runlane_conversation_locks_reserved ${usage.held + usage.inFlight}`
+    metric("runlane_conversation_locks_reserved", "gauge", "Connections pinned for conversation locks (held, in flight, stranded)", [
+      `runlane_conversation_locks_reserved ${usage.held + usage.inFlight + usage.stranded}`
     ]),
     metric("runlane_conversation_locks_cap", "gauge", "Most connections this process may pin for conversation locks", [
       `runlane_conversation_locks_cap ${usage.cap}`
@@ -23,6 +23,9 @@ export const lockMetricsText = (usage: LocalLockUsage): string =>
     ]),
     metric("runlane_conversation_locks_held", "gauge", "Conversation locks held", [
       `runlane_conversation_locks_held ${usage.held}`
+    ]),
+    metric("runlane_conversation_locks_stranded", "gauge", "Sessions that may still hold a lock, being terminated (count against the cap)", [
+      `runlane_conversation_locks_stranded ${usage.stranded}`
     ]),
     metric("runlane_conversation_locks_oldest_hold_seconds", "gauge", "Age of the oldest held lock (0 when none)", [
       `runlane_conversation_locks_oldest_hold_seconds ${(usage.oldestHoldMs ?? 0) / 1000}`

@@ -62,6 +62,7 @@ layer(testServerLayer(), { excludeTestServices: true })("the HTTP service", (it)
         reserved_conversation_locks_cap: 3,
         near_cap: false,
         held: 1,
+        stranded: 0,
         held_in_database_by_this_process: 1
       })
       assert.isAtLeast(usage["held_in_database"] as number, 1)
@@ -84,6 +85,7 @@ layer(testServerLayer(), { excludeTestServices: true })("the HTTP service", (it)
         const line of [
           /^runlane_conversation_locks_reserved 0$/m,
           /^runlane_conversation_locks_cap 3$/m,
+          /^runlane_conversation_locks_stranded 0$/m,
           /^# TYPE runlane_conversation_locks_acquired_total counter$/m,
           /^runlane_runs\{queue="metrics-q",status="pending"\} 1$/m,
           /^runlane_http_requests_total\{method="GET",route="\/health",status="200"\} [1-9]/m,
