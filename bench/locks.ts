@@ -102,7 +102,7 @@ export const lockBenchmarks = (url: string): Effect.Effect<ReadonlyArray<BenchRe
         unit: "MiB",
         // Growth at or below zero (the collector returned more than the cycles kept) caps the ratio at 100.
         ratio: Math.min(100, 5 / Math.max(0.05, (after - before) / 1024 / 1024)),
-        note: `limit 5 MiB; count afterwards ${usage.held + usage.inFlight}` +
+        note: `limit 5 MiB; count afterwards ${usage.held + usage.inFlight + usage.stranded}` +
           ((globalThis as { gc?: unknown }).gc ? "" : " (no --expose-gc: figure includes garbage)")
       })
     }
