@@ -1,5 +1,5 @@
 import { assert, describe, it } from "@effect/vitest"
-import { ConfigProvider, Effect, Exit, Layer, Logger, Redacted, Scope } from "effect"
+import { ConfigProvider, Effect, Exit, Fiber, Layer, Logger, Redacted, Scope } from "effect"
 import postgres from "postgres"
 import { Database } from "../../src/db/Database.ts"
 import { ConversationLocks, LockConfigError, SessionPoolingRequired } from "../../src/locks/ConversationLocks.ts"
@@ -104,4 +104,39 @@ describe("ConversationLocks configuration", () => {
         })).pipe(Effect.provide(Logger.layer([collect])))
       assert.deepStrictEqual(warnings, ["Conversation locks near cap"])
     }))
+})
+
+describe("ConversationLocks start-up probe", () => {
+  it.live("a start interrupted during the pooler probe leaves no connection pinned", () =>
+    Effect.acquireUseRelease(
+      Effect.promise(() => createDatabase({ migrated: true })),
+      (db) =>
+        Effect.gen(function*() {
+          const client = postgres(db.url, { max: 2, onnotice: () => {} })
+          const layer = ConversationLocks.layer.pipe(
+            Layer.provide(Database.layerFromClient(client, { url: Redacted.make(db.url), poolMax: 2 })),
+            Layer.provide(ConfigProvider.layer(ConfigProvider.fromUnknown({ RUNLANE_MAX_RESERVED_LOCKS: "1" })))
+          )
+          // One connection busy: the probe pins the other, then waits for a connection for its transaction.
+          const busy = client`select pg_sleep(0.5)`.then(() => undefined)
+          const start = yield* Effect.forkChild(Effect.scoped(Layer.build(layer)))
+          const admin = postgres(db.url, { max: 1, onnotice: () => {} })
+          const deadline = Date.now() + 5_000
+          while (Date.now() < deadline) {
+            const [row] = yield* Effect.promise(() => admin<Array<{ n: number }>>`
+              select count(*)::int as n from pg_stat_activity where datname = ${db.name} and pid <> pg_backend_pid()`)
+            if (row!.n === 2) break
+            yield* Effect.sleep(10)
+          }
+          yield* Fiber.interrupt(start)
+          yield* Effect.promise(() => busy)
+          // Both connections serve the pool again: two concurrent queries on two sessions.
+          const pids = yield* Effect.promise(() =>
+            Promise.all([0, 1].map(() => client<Array<{ pid: number }>>`select pg_backend_pid() as pid from pg_sleep(0.05)`)))
+          assert.strictEqual(new Set(pids.map((rows) => rows[0]!.pid)).size, 2)
+          yield* Effect.promise(() => admin.end({ timeout: 5 }))
+          yield* Effect.promise(() => client.end({ timeout: 5 }))
+        }),
+      (db) => Effect.promise(() => dropDatabase(db.name))
+    ))
 })
