@@ -10,7 +10,7 @@ import { Config, Context, Effect, Layer, Redacted, Schema, type Scope } from "ef
 import postgres from "postgres"
 import * as schema from "../schema/index.ts"
 import { DatabaseError } from "./DatabaseError.ts"
-import { ConnectionTracker, type PinnedConnection } from "./pinnedConnection.ts"
+import { ConnectionTracker, type PinnedConnection, withinMs } from "./pinnedConnection.ts"
 import { makePinnedConnections, PinnedConnections } from "./PinnedConnections.ts"
 import { PoolExhausted } from "./PoolExhausted.ts"
 import { applicationNameOf } from "./postgresJsInternals.ts"
@@ -101,8 +101,9 @@ const make = Effect.fnUntraced(function*(options: DatabaseOptions, client: postg
     Effect.acquireRelease(
       Effect.callback<PinnedConnection, PoolExhausted | DatabaseError>((resume) => {
         const pending = pins.pin(timeoutMs, undefined, {
+          // The identifying query is bounded too: a session that does not answer is ended, never kept.
           onPinned: (pinned) =>
-            pinned.firstRow.then(
+            withinMs(pinned.firstRow, timeoutMs).then(
               () => resume(Effect.succeed(pinned)),
               (cause: unknown) => {
                 void pinned.terminate(pins.terminateBackend, timeoutMs)

@@ -40,9 +40,11 @@ export class PinnedConnections extends Context.Service<PinnedConnections, {
   readonly pin: (timeoutMs: number, first: FirstColumns | undefined, callbacks: PinCallbacks) => PendingPin
   /**
    * `pg_terminate_backend(pid)` on a one-off connection outside the pool, so it works when every pool
-   * connection is pinned. Rejects when that connection cannot be made.
+   * connection is pinned. With `startedBy` (the server time the session was pinned, as timestamptz text), only a backend
+   * that had started by then is signalled, so a pid reused by a newer session is never touched.
+   * Answers true when the backend was signalled or is gone; rejects when the connection cannot be made.
    */
-  readonly terminateBackend: (pid: number) => Promise<boolean>
+  readonly terminateBackend: (pid: number, startedBy: string | undefined) => Promise<boolean>
 }>()("runlane/PinnedConnections") {}
 
 class PendingReservation implements PendingPin {
@@ -111,7 +113,7 @@ export const makePinnedConnections = (options: {
 }): PinnedConnections["Service"] => ({
   pin: (timeoutMs, first, callbacks) =>
     new PendingReservation(options.sql, options.tracker, timeoutMs, options.poolMax, first, callbacks),
-  terminateBackend: async (pid) => {
+  terminateBackend: async (pid, startedBy) => {
     const client = postgres(Redacted.value(options.url), {
       max: 1,
       onnotice: () => {},
@@ -121,8 +123,14 @@ export const makePinnedConnections = (options: {
         : { connection: { application_name: `${options.applicationName}:terminate` } })
     })
     try {
-      const [row] = await client<Array<{ terminated: boolean }>>`select pg_terminate_backend(${pid}) as terminated`
-      return row?.terminated === true
+      if (startedBy === undefined) {
+        const [row] = await client<Array<{ terminated: boolean }>>`select pg_terminate_backend(${pid}) as terminated`
+        return row?.terminated === true
+      }
+      const [row] = await client<Array<{ terminated: boolean }>>`
+        select pg_terminate_backend(pid) as terminated from pg_stat_activity where pid = ${pid} and backend_start <= ${startedBy}::timestamptz`
+      // No row: that session is gone (a backend with its pid now, if any, started after it was pinned).
+      return row === undefined || row.terminated
     } finally {
       await client.end({ timeout: 1 })
     }

@@ -52,6 +52,10 @@ export class PinnedConnection {
   connectionId: number | undefined = undefined
   /** Server backend pid of the session, once the first query has answered (see `knownPid`). */
   pid = 0
+  /** The server's time when the first query ran (timestamptz as text); the session had started by then. */
+  pinnedAt: string | undefined = undefined
+  /** A terminate was delivered (or the session was found gone): never signal this pid again. */
+  private terminateDelivered = false
   private isClosed = false
   private isGivenBack = false
   private readonly closeListeners: Array<() => void> = []
@@ -122,9 +126,9 @@ export class PinnedConnection {
    * through `terminate` (a connection outside the pool: when every pool connection is pinned, a
    * terminate queued on the pool would wait for itself), then a bounded wait for postgres.js to see
    * the close, after which it reconnects that slot on demand. Answers whether the close was seen; may
-   * be called again until it is.
+   * be called again until it is (the pid is signalled at most once: after that it may be reused).
    */
-  async terminate(terminate: (pid: number) => Promise<unknown>, timeoutMs: number): Promise<boolean> {
+  async terminate(terminate: (pid: number, startedBy: string | undefined) => Promise<boolean>, timeoutMs: number): Promise<boolean> {
     this.isGivenBack = true
     if (this.isClosed) return true
     const closed = new Promise<true>((resolve) => this.onClosed(() => resolve(true)))
@@ -138,15 +142,33 @@ export class PinnedConnection {
       ).then(([row]) => (this.pid = row?.pid ?? 0), () => undefined)
       this.tracker.unexpect(this.token)
     }
-    if (this.knownPid !== 0 && !this.isClosed) await withinMs(terminate(this.knownPid), timeoutMs).catch(() => undefined)
+    if (this.knownPid !== 0 && !this.isClosed && !this.terminateDelivered) {
+      this.terminateDelivered = await withinMs(terminate(this.knownPid, this.pinnedAt), timeoutMs).catch(() => false)
+    }
     return await withinMs(closed, timeoutMs).catch(() => false)
+  }
+
+  /**
+   * After a close postgres.js saw but runlane did not cause (a reset, a timeout on the client side), the
+   * server session may live on, holding whatever it held. Terminates it unless it is gone (guarded by
+   * `pinnedAt`, so a newer session with the same pid is never touched); answers whether the server
+   * confirmed it gone or going. False when the server could not be asked.
+   */
+  async confirmEnded(terminate: (pid: number, startedBy: string | undefined) => Promise<boolean>, timeoutMs: number): Promise<boolean> {
+    if (this.terminateDelivered) return true
+    if (this.knownPid === 0 || this.pinnedAt === undefined) return true
+    this.terminateDelivered = await withinMs(terminate(this.knownPid, this.pinnedAt), timeoutMs).catch(() => false)
+    return this.terminateDelivered
   }
 
   /** The first query: learns the backend pid and, through the debug hook, the connection id. */
   private identify(first: FirstColumns | undefined): Promise<FirstRow> {
     const token = this.token
     const parameters = [...(first?.parameters ?? []), token]
-    const text = `select pg_backend_pid() as pid${first === undefined ? "" : `, ${first.columns}`}` +
+    // statement_timestamp(): the server's clock when the session was pinned, to tell it from a later
+    // session that reuses its pid (see `terminate`). As text: exact to the microsecond, and immune to
+    // the pool's date parsers (Drizzle replaces them).
+    const text = `select pg_backend_pid() as pid, statement_timestamp()::text as pinned_at${first === undefined ? "" : `, ${first.columns}`}` +
       ` where $${parameters.length}::text is not null`
     this.tracker.expect(token, this)
     return this.query((sql) => {
@@ -156,6 +178,7 @@ export class PinnedConnection {
       this.tracker.unexpect(token)
       const row = rows[0]!
       this.pid = row.pid
+      this.pinnedAt = typeof row["pinned_at"] === "string" ? row["pinned_at"] : undefined
       return row
     }, (error: unknown) => {
       this.tracker.unexpect(token)

@@ -62,8 +62,9 @@ export const assertSessionPooling = Effect.fnUntraced(function*(
   other: postgres.Sql,
   timeoutMs: number
 ) {
+  // Bounded as a whole: the transaction needs a second connection, which may be slow to come.
   const probe = yield* Effect.tryPromise({
-    try: () => probeSession(session, other, timeoutMs),
+    try: () => withinMs(probeSession(session, other, timeoutMs), 2 * timeoutMs),
     catch: (cause) => DatabaseError.fromCause("assertSessionPooling", cause)
   })
   if (probe._tag === "SameSession") return

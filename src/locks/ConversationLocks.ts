@@ -161,11 +161,15 @@ const make = Effect.fnUntraced(function*(options: ConversationLocksOptions) {
         annotate
       ))
     },
-    onStrandedEnded: (session) =>
-      runLog(Effect.logInfo("Stranded lock session ended").pipe(
-        Effect.annotateLogs({ ...keys.get(session)!, backendPid: session.backendPid }),
-        annotate
-      ))
+    onStrandedEnded: (session, how) =>
+      runLog(
+        (how === "ended"
+          ? Effect.logInfo("Stranded lock session ended")
+          : Effect.logWarning("Stranded lock session left to the pool's end at shutdown")).pipe(
+            Effect.annotateLogs({ ...keys.get(session)!, backendPid: session.backendPid }),
+            annotate
+          )
+      )
   }
   // Holders' scopes normally close before this layer; a lock still counted here outlived its service.
   yield* Effect.addFinalizer(() =>
@@ -189,6 +193,8 @@ const make = Effect.fnUntraced(function*(options: ConversationLocksOptions) {
       }
       const session = new LockSession(context, conversationLockHash(key))
       keys.set(session, key)
+      // Made now, before any callback of the session can run: a loss may be seen before the holder hears.
+      losses.set(session, Deferred.makeUnsafe<LockLost>())
       const started = Effect.succeed(session)
       if (admission === "admitted") return started
       return Effect.logWarning("Conversation locks near cap").pipe(
@@ -209,8 +215,7 @@ const make = Effect.fnUntraced(function*(options: ConversationLocksOptions) {
 
   const handleOf = (session: LockSession, key: ConversationKey): ConversationLock => {
     counters.acquired++
-    const lost = Deferred.makeUnsafe<LockLost>()
-    losses.set(session, lost)
+    const lost = losses.get(session)!
     return {
       key,
       advisoryKey: [namespace, session.hash] as const,
@@ -224,7 +229,8 @@ const make = Effect.fnUntraced(function*(options: ConversationLocksOptions) {
   const decide = (session: LockSession, key: ConversationKey, outcome: LockOutcome): Effect.Effect<ConversationLock, AcquireError> => {
     switch (outcome._tag) {
       case "Held":
-        return Effect.succeed(handleOf(session, key))
+        // The caller's scope may have closed between the grant and this step: the session is ending.
+        return session.isHeld ? Effect.succeed(handleOf(session, key)) : Effect.interrupt
       case "Busy":
         counters.busy++
         return Effect.fail(new ConversationBusy(key))

@@ -17,7 +17,7 @@
  * reservation, while locking it lets the lock answer arrive (bounded) and then ends accordingly.
  */
 import { DatabaseError } from "../db/DatabaseError.ts"
-import { type FirstColumns, type PinnedConnection, withinMs } from "../db/pinnedConnection.ts"
+import { type FirstColumns, type PinnedConnection, PinnedConnectionClosed, withinMs } from "../db/pinnedConnection.ts"
 import type { PendingPin, PinnedConnections } from "../db/PinnedConnections.ts"
 import type { PoolExhausted } from "../db/PoolExhausted.ts"
 import type { CountedState, LockCounter } from "./lockCounter.ts"
@@ -68,12 +68,29 @@ export interface LockContext {
   readonly isClosing: () => boolean
   readonly onEnd: (session: LockSession, end: SessionEnd) => void
   readonly onLost: (session: LockSession, reason: string) => void
-  readonly onStrandedEnded: (session: LockSession) => void
+  readonly onStrandedEnded: (session: LockSession, how: "ended" | "left to the pool's end at shutdown") => void
 }
 
 type Phase = "reserving" | "locking" | "held" | "ending" | "ended"
 
 const sleep = (ms: number) => new Promise<void>((resolve) => setTimeout(resolve, ms))
+
+/** Sleeps without keeping the process alive, waking early (within 100 ms) once the service is closing. */
+const sleepUnlessClosing = async (ms: number, isClosing: () => boolean) => {
+  const until = Date.now() + ms
+  while (!isClosing() && Date.now() < until) {
+    await new Promise<void>((resolve) => setTimeout(resolve, Math.min(100, until - Date.now())).unref())
+  }
+}
+
+const release = (pinned: PinnedConnection): ConnectionOutcome => {
+  try {
+    pinned.release()
+    return "released"
+  } catch (releaseFailed) {
+    return { releaseFailed }
+  }
+}
 
 export class LockSession {
   private phase: Phase = "reserving"
@@ -138,7 +155,11 @@ export class LockSession {
 
   private onLockAnswer(locked: "yes" | "no" | "unknown", cause: unknown): void {
     this.locked = locked
-    if (locked === "yes" && !this.endRequested) return this.hold()
+    if (locked === "yes" && !this.endRequested) {
+      if (!this.pinned!.closed) return this.hold()
+      // Granted, and the connection closed before it could be held: a failure, and the end confirms it gone.
+      cause = new PinnedConnectionClosed(this.pinned!.pid)
+    }
     const outcome: LockOutcome = this.endRequested
       ? { _tag: "Ended" }
       : locked === "no"
@@ -194,32 +215,44 @@ export class LockSession {
 
   private async giveBack(unlock: UnlockOutcome): Promise<ConnectionOutcome> {
     const pinned = this.pinned!
-    if (pinned.closed || unlock === "not needed" || unlock === "unlocked") {
-      try {
-        pinned.release()
-        return "released"
-      } catch (releaseFailed) {
-        return { releaseFailed }
-      }
+    const { terminateBackend } = this.context.pins
+    const timeoutMs = this.context.terminateTimeoutMs
+    if (pinned.closed && this.locked !== "no") {
+      // The client saw the connection close, but runlane did not close it: the server session may live
+      // on with the lock (a reset on the way, a client-side timeout), so the server must confirm it gone.
+      const confirm = () => pinned.confirmEnded(terminateBackend, timeoutMs)
+      if (await confirm()) return release(pinned)
+      return this.strand(confirm)
     }
-    if (await pinned.terminate(this.context.pins.terminateBackend, this.context.terminateTimeoutMs)) return "terminated"
+    if (pinned.closed || unlock === "not needed" || unlock === "unlocked") return release(pinned)
+    const terminate = () => pinned.terminate(terminateBackend, timeoutMs)
+    if (await terminate()) return "terminated"
+    return this.strand(terminate)
+  }
+
+  /**
+   * A session that may still hold a lock is never forgotten: it stays counted as stranded, and `attempt`
+   * is retried with backoff until it succeeds (or the service closes, leaving it to the pool's end).
+   */
+  private strand(attempt: () => Promise<boolean>): ConnectionOutcome {
     this.context.counter.move(this.counted!, "stranded")
     this.counted = "stranded"
-    void this.terminateUntilClosed(pinned)
+    void this.retryUntilEnded(attempt)
     return "stranded"
   }
 
-  /** A session that may still hold a lock is never forgotten: terminate again, with backoff, until it closes. */
-  private async terminateUntilClosed(pinned: PinnedConnection): Promise<void> {
+  private async retryUntilEnded(attempt: () => Promise<boolean>): Promise<void> {
     const { first, max } = this.context.terminateBackoffMs
-    for (let delay = first; !pinned.closed && !this.context.isClosing(); delay = Math.min(max, delay * 2)) {
-      await sleep(delay)
-      if (await pinned.terminate(this.context.pins.terminateBackend, this.context.terminateTimeoutMs)) break
+    let ended = false
+    for (let delay = first; !ended; delay = Math.min(max, delay * 2)) {
+      await sleepUnlessClosing(delay, this.context.isClosing)
+      if (this.context.isClosing()) break
+      ended = await attempt()
     }
-    if (this.counted === "stranded") this.context.counter.leave("stranded", this.context.now())
+    this.context.counter.leave("stranded", this.context.now())
     this.counted = undefined
     this.context.live.delete(this)
-    this.context.onStrandedEnded(this)
+    this.context.onStrandedEnded(this, ended ? "ended" : "left to the pool's end at shutdown")
   }
 
   private finish(outcome: LockOutcome | undefined, end: SessionEnd): void {

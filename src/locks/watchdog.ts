@@ -3,10 +3,13 @@
  * the pool's close hook), a probe that failed, or a probe that got no answer within `answerWithinMs`
  * of being sent while the event loop was free to read it.
  *
- * Why the last clause: after an event-loop stall, Node runs expired timers before it reads sockets, so
- * a deadline timer fires before the answer that has been waiting in the socket is delivered. A deadline
- * that fires late (the loop was stalled) is re-armed for another full bound; one that fires on time is
- * judged only after pending I/O has been read (setImmediate runs after the poll phase).
+ * Why the last clause: postgres.js writes a query in a setImmediate, so the probe leaves in the next
+ * check phase of the event loop, however long the loop is busy before that; the deadline is armed in
+ * that same check phase (an immediate queued before postgres.js's own, so it runs just before the
+ * write). And after an event-loop stall, Node runs expired timers before it reads sockets, so a deadline
+ * timer can fire before an answer that has been waiting in the socket is delivered: a deadline that fires
+ * late (the loop was stalled) is re-armed for another full bound, and one that fires on time is judged
+ * only after pending I/O has been read (setImmediate runs after the poll phase).
  *
  * Timing: a probe leaves every `keepaliveMs / 2` and must answer within `keepaliveMs / 2`, so a session
  * that dies silently is reported within `keepaliveMs` of its death (plus event-loop delays).
@@ -59,6 +62,7 @@ export class Watchdog {
       }
     )
     const armDeadline = () => {
+      if (answered || this.stopped) return
       const armedAt = performance.now()
       this.wait(() => {
         if (answered || this.stopped) return
@@ -69,6 +73,6 @@ export class Watchdog {
         })
       }, this.periodMs)
     }
-    armDeadline()
+    setImmediate(armDeadline)
   }
 }

@@ -1,6 +1,7 @@
 import { assert, layer } from "@effect/vitest"
 import { Effect } from "effect"
 import { Database } from "../../src/db/Database.ts"
+import { expectQuiescent, LockHarness, lockHarnessLayer } from "../support/lockHarness.ts"
 import { testDatabaseLayer } from "../support/testDatabase.ts"
 
 layer(testDatabaseLayer({ poolMax: 2 }), { excludeTestServices: true })("Database.reserve", (it) => {
@@ -32,5 +33,19 @@ layer(testDatabaseLayer({ poolMax: 2 }), { excludeTestServices: true })("Databas
         return yield* Effect.flip(database.reserve(100))
       }))
       assert.deepInclude(error, { _tag: "PoolExhausted", timeoutMs: 100, poolMax: 2 })
+    }))
+})
+
+layer(lockHarnessLayer({ poolMax: 2, cap: 1 }), { excludeTestServices: true })("Database.reserve with faults", (it) => {
+  it.effect("a pinned session whose first query never answers fails the reserve within its bound and is ended", () =>
+    Effect.gen(function*() {
+      const database = yield* Database
+      const harness = yield* LockHarness
+      harness.clearFaults()
+      harness.faults.firstQuery.push("hang")
+      const error = yield* Effect.flip(Effect.scoped(database.reserve(300)))
+      assert.strictEqual(error._tag, "DatabaseError")
+      assert.deepStrictEqual(harness.faults.fired, ["firstQuery:hang"])
+      yield* expectQuiescent
     }))
 })

@@ -19,6 +19,7 @@ import {
   lockHarnessLayer,
   occupyPool
 } from "../support/lockHarness.ts"
+import { hostAndPort, startTcpProxy, throughProxy } from "../support/tcpProxy.ts"
 
 const key = (n: number): ConversationKey => ({ organizationId: "org", agentId: "agent", conversationId: `release:${n}` })
 
@@ -179,6 +180,46 @@ layer(lockHarnessLayer({ poolMax: 6, cap: 3 }), { excludeTestServices: true })("
       yield* expectQuiescent
     }))
 
+  it.effect("an event-loop stall between a keepalive's creation and its write does not report a live session lost", () =>
+    Effect.gen(function*() {
+      const locks = yield* ConversationLocks
+      const harness = yield* LockHarness
+      harness.clearFaults()
+      // keepalive 250 ms: a probe every 125 ms, due within 125 ms; a stall of 1.2 periods before the write.
+      harness.faults.stallMs = 150
+      harness.faults.keepalive.push("stallBeforeWrite", "stallBeforeWrite", "stallBeforeWrite")
+      const before = (yield* locks.localUsage).lost
+      yield* Effect.scoped(Effect.gen(function*() {
+        const lock = yield* locks.acquire(key(1))
+        yield* eventually("three stalls", Effect.sync(() => harness.faults.keepalive.length === 0), 10_000)
+        yield* eventually("keepalives after the stalls", Effect.promise(() =>
+          harness.admin<Array<{ n: number }>>`select count(*)::int as n from pg_stat_activity
+            where pid = ${lock.backendPid} and query = 'select 1' and state_change > now() - interval '100 ms'`
+        ).pipe(Effect.map((rows) => rows[0]!.n === 1)), 5_000)
+        assert.isFalse(yield* lock.isLost)
+      }))
+      assert.strictEqual((yield* locks.localUsage).lost, before)
+      yield* expectQuiescent
+    }))
+
+  it.effect("a lock granted on a connection that closed before it could be held fails the acquire and leaks nothing", () =>
+    Effect.gen(function*() {
+      const locks = yield* ConversationLocks
+      const harness = yield* LockHarness
+      harness.clearFaults()
+      harness.faults.lateMs = 300
+      harness.faults.firstQuery.push("slow")
+      const fiber = yield* Effect.forkChild(Effect.scoped(locks.acquire(key(1))))
+      // The lock is granted on the server; its answer is still on its way when the backend dies.
+      yield* eventually("the lock taken on the server", Effect.map(holdersOf(conversationLockHash(key(1))), (h) => h.length === 1))
+      const [pid] = yield* holdersOf(conversationLockHash(key(1)))
+      yield* Effect.promise(() => harness.admin`select pg_terminate_backend(${pid!})`)
+      const exit = yield* Fiber.await(fiber)
+      assert.isTrue(Exit.isFailure(exit) && exit.cause.reasons.some((r) => r._tag === "Fail" && (r.error as { _tag: string })._tag === "DatabaseError"))
+      assert.deepStrictEqual(yield* counts, { held: 0, inFlight: 0, stranded: 0 })
+      yield* expectQuiescent
+    }))
+
   it.effect("a keepalive that gets no answer reports the loss, and the session is terminated at release", () =>
     Effect.gen(function*() {
       const locks = yield* ConversationLocks
@@ -259,5 +300,36 @@ layer(lockHarnessLayer({ poolMax: 4, cap: 2 }), { excludeTestServices: true })("
       )))
       assert.strictEqual(usage.heldInDatabase, 2)
       assert.strictEqual(usage.heldInDatabaseByThisProcess, 1)
+    }).pipe(Effect.scoped))
+})
+
+layer(lockHarnessLayer({ poolMax: 4, cap: 2 }), { excludeTestServices: true })("ConversationLocks behind a connection reset", (it) => {
+  it.effect("a connection the client saw reset while the server session lives on is terminated, never trusted gone", () =>
+    Effect.gen(function*() {
+      const harness = yield* LockHarness
+      const path = yield* Effect.acquireRelease(
+        Effect.promise(() => startTcpProxy(hostAndPort(harness.url))),
+        (proxy) => Effect.promise(proxy.close)
+      )
+      const client = yield* Effect.acquireRelease(
+        Effect.sync(() => postgres(throughProxy(harness.url, path), { max: 3, onnotice: () => {} })),
+        (sql) => Effect.promise(() => sql.end({ timeout: 5 }))
+      )
+      yield* Effect.gen(function*() {
+        const locks = yield* ConversationLocks
+        yield* Effect.scoped(Effect.gen(function*() {
+          const lock = yield* locks.acquire(key(1))
+          path.cutClients()
+          yield* lock.awaitLost.pipe(Effect.timeout(5_000))
+          // The client believes the session gone; on the server it lives on and holds the lock.
+          assert.deepStrictEqual(yield* holdersOf(conversationLockHash(key(1))), [lock.backendPid])
+        }))
+        // Terminated by the release: the backend exits at once, and its lock with it.
+        yield* eventually("the server session gone", Effect.map(holdersOf(conversationLockHash(key(1))), (h) => h.length === 0))
+        const usage = yield* locks.localUsage
+        assert.deepStrictEqual([usage.held, usage.inFlight, usage.stranded], [0, 0, 0])
+      }).pipe(Effect.provide(ConversationLocks.layerWith({ cap: 2, keepaliveMs: 250 }).pipe(
+        Layer.provideMerge(Database.layerFromClient(client, { url: Redacted.make(harness.url), poolMax: 3 }))
+      )))
     }).pipe(Effect.scoped))
 })

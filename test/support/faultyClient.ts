@@ -20,8 +20,12 @@ export type ReserveFault = "throw" | "late"
 export type FirstQueryFault = "throw" | "answerLost" | "hang" | "malformed" | "slow"
 /** "false": answers "not held" without sending anything. "hang": never answers, sends nothing. */
 export type UnlockFault = "throw" | "false" | "hang"
-/** "stall": the event loop is blocked for `stallMs` just after the probe is written. */
-export type KeepaliveFault = "stall" | "hang"
+/**
+ * "stall": the event loop is blocked for `stallMs` just after the probe is written, while its answer
+ * arrives. "stallBeforeWrite": blocked for `stallMs` after the probe is created and before postgres.js
+ * writes it; its answer then takes 3 ms more, as over any real network.
+ */
+export type KeepaliveFault = "stall" | "stallBeforeWrite" | "hang"
 export type ReleaseFault = "throwAfter"
 
 export interface FaultQueues {
@@ -112,6 +116,10 @@ export const makeFaultyClient = (url: string, poolMax: number, applicationName?:
           const fault = take("keepalive", faults.keepalive)
           const query = Reflect.apply(target, thisArg, args) as PromiseLike<unknown>
           if (fault === "hang") return withAnswer(query, (answer) => answer.then(() => never))
+          if (fault === "stallBeforeWrite") {
+            queueMicrotask(() => stallEventLoop(faults.stallMs))
+            return withAnswer(query, (answer) => answer.then((rows) => new Promise((resolve) => setTimeout(() => resolve(rows), 3))))
+          }
           if (fault === "stall") {
             // Two turns of the loop: the first lets postgres.js write the probe, the second stalls
             // while its answer arrives and waits, unread, in the socket.
@@ -131,7 +139,8 @@ export const makeFaultyClient = (url: string, poolMax: number, applicationName?:
         if (property === "unsafe") {
           return (text: string, parameters: Array<unknown>, options: object) => {
             const query = target.unsafe(text, parameters as Array<never>, options)
-            return text.includes("pg_try_advisory_lock") ? firstQuery(query) : query
+            // Every pinned connection's first query identifies it this way (see pinnedConnection.ts).
+            return text.includes("as pinned_at") ? firstQuery(query) : query
           }
         }
         return Reflect.get(target, property, receiver)

@@ -10,6 +10,11 @@ export type ProxyMode = "pass" | "refuse" | "blackhole"
 export interface TcpProxy {
   readonly port: number
   mode: ProxyMode
+  /**
+   * Closes every client-side socket now, leaving the server-side ones open: the client sees its
+   * connections reset while the server sessions live on (a middlebox reset, a client-side timeout).
+   */
+  readonly cutClients: () => void
   /** Connections accepted so far, whatever the mode. */
   readonly accepted: () => number
   readonly close: () => Promise<void>
@@ -18,6 +23,7 @@ export interface TcpProxy {
 export const startTcpProxy = (target: { readonly host: string; readonly port: number }): Promise<TcpProxy> =>
   new Promise((resolve, reject) => {
     const sockets = new Set<net.Socket>()
+    const pairs = new Set<{ client: net.Socket; upstream: net.Socket }>()
     let accepted = 0
     const track = (socket: net.Socket) => {
       sockets.add(socket)
@@ -31,15 +37,25 @@ export const startTcpProxy = (target: { readonly host: string; readonly port: nu
       if (proxy.mode === "blackhole") return
       const upstream = net.connect(target.port, target.host)
       track(upstream)
+      const pair = { client, upstream }
+      pairs.add(pair)
       client.pipe(upstream)
       upstream.pipe(client)
-      client.on("close", () => upstream.destroy())
+      client.on("close", () => pairs.has(pair) && upstream.destroy())
       upstream.on("close", () => client.destroy())
     })
     const proxy: TcpProxy = {
       port: 0,
       mode: "pass",
       accepted: () => accepted,
+      cutClients: () => {
+        for (const pair of pairs) {
+          pairs.delete(pair)
+          pair.client.unpipe(pair.upstream)
+          pair.upstream.unpipe(pair.client)
+          pair.client.destroy()
+        }
+      },
       close: () =>
         new Promise((done) => {
           for (const socket of sockets) socket.destroy()
