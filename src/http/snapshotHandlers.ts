@@ -18,11 +18,14 @@ import { parseJson, readBodyText } from "./requestBody.ts"
 import { BadRequest, Conflict, Forbidden, NotFound, PayloadTooLarge, RunlaneApi, WorkerIdentity } from "./RunlaneApi.ts"
 
 /**
- * The largest upload body read: a snapshot at its 4 MiB limit plus JSON escaping (a JSONL transcript
- * is mostly quotes and newlines, each escaped into two bytes) and the envelope. Anything larger
- * cannot hold a snapshot within the limit, so it is refused unread.
+ * The largest upload body read: a snapshot at its 4 MiB limit in the worst JSON escaping, plus the
+ * envelope. The limit that matters is the snapshot's own, checked on the decoded text; this one only
+ * refuses unread what cannot hold a valid snapshot. Worst case per UTF-8 byte: a control character
+ * (1 byte) as `\u0001` is 6 bytes; `\uXXXX` (Python's json.dumps default) makes Cyrillic or Greek 3x
+ * (2 bytes → 6), CJK 2x (3 → 6) and astral characters 3x (4 → 12, a surrogate pair). So 6x admits
+ * every valid snapshot; 2x refused a 3 MiB Cyrillic transcript.
  */
-export const maxUploadBodyBytes = 2 * maxSnapshotBytes + 64 * 1024
+export const maxUploadBodyBytes = 6 * maxSnapshotBytes + 64 * 1024
 
 const outOfScope = new Forbidden({ error: "runId out of scope" })
 
