@@ -1,7 +1,13 @@
 import postgres from "postgres"
 import { afterAll, beforeAll, describe, expect, it } from "vitest"
 import type { DatabaseError } from "../../src/db/DatabaseError.ts"
-import { defaultUploadGroupLimits, type UploadGroupLimits, UploadGroups, type UploadRow } from "../../src/snapshots/uploadGroups.ts"
+import {
+  defaultUploadGroupLimits,
+  type UploadGroupLimits,
+  UploadGroups,
+  type UploadRow,
+  type UploadsBusy
+} from "../../src/snapshots/uploadGroups.ts"
 import { createDatabase, dropDatabase, type TestDatabaseHandle } from "../support/testDatabase.ts"
 
 let database: TestDatabaseHandle
@@ -45,7 +51,7 @@ const row = (runId: number, text = `{"run":${runId}}\n`, owner = scope): UploadR
 })
 
 interface Answer {
-  readonly error: DatabaseError | undefined
+  readonly error: DatabaseError | UploadsBusy | undefined
   readonly id: string | undefined
 }
 
@@ -53,9 +59,9 @@ const upload = (groups: UploadGroups, given: UploadRow): Promise<Answer> =>
   new Promise((resolve) => groups.submit(given, (error, id) => resolve({ error, id })))
 
 const storedRuns = async (runIds: ReadonlyArray<number>) =>
-  (await sql<Array<{ run_id: string }>>`
-    select run_id::text from agent_transcript_snapshots where run_id in ${sql(runIds)} order by run_id`)
-    .map((stored) => Number(stored.run_id))
+  (await sql<Array<{ id: string }>>`
+    select run_id::text as id from agent_transcript_snapshots where run_id in ${sql(runIds)} order by run_id`)
+    .map((stored) => Number(stored.id))
 
 const limits = (overrides: Partial<UploadGroupLimits>): UploadGroupLimits => ({ ...defaultUploadGroupLimits, ...overrides })
 
@@ -119,7 +125,7 @@ describe("UploadGroups", () => {
     const before = uploadStatements
     const answers = await Promise.all(runIds.map((runId, index) => upload(groups, index === 2 ? bad : row(runId))))
     expect(uploadStatements - before).toBe(1 + 4)
-    expect(answers[2]!.error?.sqlState).toBe("23514")
+    expect((answers[2]!.error as DatabaseError | undefined)?.sqlState).toBe("23514")
     expect(answers.filter((answer) => answer.error === undefined && answer.id !== undefined)).toHaveLength(3)
     expect(await storedRuns(runIds)).toEqual(runIds.filter((_, index) => index !== 2))
   })
@@ -143,8 +149,9 @@ describe("UploadGroups", () => {
       const answers = await Promise.all(runIds.map((runId) => upload(groups, row(runId))))
       await blocker`commit`
       expect(statements).toBe(1)
-      expect(answers.map((answer) => answer.error?.sqlState)).toEqual(["57014", "57014", "57014"])
-      expect(answers.every((answer) => answer.error?.retryable === true && answer.id === undefined)).toBe(true)
+      const errors = answers.map((answer) => answer.error as DatabaseError | undefined)
+      expect(errors.map((error) => error?.sqlState)).toEqual(["57014", "57014", "57014"])
+      expect(errors.every((error) => error?.retryable === true) && answers.every((answer) => answer.id === undefined)).toBe(true)
       expect(await storedRuns(runIds)).toEqual([])
     } finally {
       blocker.release()
@@ -211,7 +218,7 @@ describe("UploadGroups", () => {
     const queued = groups.submit(row(withdrawn!), () => {
       answered = true
     })
-    groups.withdraw(queued)
+    groups.withdraw(queued!)
     expect((await keptAnswer).id).toBeDefined()
     expect(answered).toBe(false)
     expect(await storedRuns([kept!, withdrawn!])).toEqual([kept])
