@@ -3,93 +3,30 @@
  * database, not by timing: a test trigger (fault injection, dropped after each test) pauses statements
  * on an advisory lock the test holds, and pg_stat_activity says which statements wait.
  */
-import postgres from "postgres"
-import { afterAll, beforeAll, describe, expect, it } from "vitest"
+import { beforeAll, describe, expect, it } from "vitest"
 import type { DatabaseError } from "../../src/db/DatabaseError.ts"
-import {
-  defaultUploadGroupLimits,
-  type UploadGroupLimits,
-  UploadGroups,
-  type UploadRow,
-  UploadsBusy
-} from "../../src/snapshots/uploadGroups.ts"
-import { createDatabase, dropDatabase, type TestDatabaseHandle } from "../support/testDatabase.ts"
+import { UploadGroups, UploadsBusy } from "../../src/snapshots/uploadGroups.ts"
+import { type Answer, limits, row, scope, upload, uploadGroupsDatabase, waitUntil } from "../support/uploadGroupsHarness.ts"
 
-let database: TestDatabaseHandle
-let sql: postgres.Sql
-/** Upload statements the pool has sent, counted by postgres.js's debug hook. */
-let uploadStatements = 0
+const { newRuns, sql: db, storedRuns, uploadStatements: sent } = uploadGroupsDatabase({
+  max: 8,
+  // The plan of a large runs table: each VALUES row looks its run up through the primary key, so
+  // rows are inserted in the order the statement lists them (a small table is hashed instead, which
+  // happens to take them in run id order and would hide an ordering bug).
+  connection: { enable_hashjoin: "off", enable_mergejoin: "off", enable_seqscan: "off" }
+})
 
 beforeAll(async () => {
-  database = await createDatabase({ migrated: true })
-  sql = postgres(database.url, {
-    max: 8,
-    onnotice: () => {},
-    // The plan of a large runs table: each VALUES row looks its run up through the primary key, so
-    // rows are inserted in the order the statement lists them (a small table is hashed instead, which
-    // happens to take them in run id order and would hide an ordering bug).
-    connection: { enable_hashjoin: "off", enable_mergejoin: "off", enable_seqscan: "off" },
-    debug: (_connection, query) => {
-      if (query.startsWith("insert into agent_transcript_snapshots")) uploadStatements++
-    }
-  })
   // Open every connection now, so a statement is written the moment it is sent.
-  await Promise.all(Array.from({ length: 8 }, () => sql`select pg_backend_pid()`))
+  await Promise.all(Array.from({ length: 8 }, () => db()`select pg_backend_pid()`))
 })
-
-afterAll(async () => {
-  await sql.end({ timeout: 5 })
-  await dropDatabase(database.name)
-})
-
-const scope = { organizationId: "org-c", agentId: "agent-c", conversationId: "conv-c" }
-
-const newRuns = async (count: number): Promise<Array<number>> => {
-  const rows = await sql<Array<{ id: string }>>`
-    insert into runs (queue, organization_id, agent_id, conversation_id, action_input)
-    select 'q', ${scope.organizationId}, ${scope.agentId}, ${scope.conversationId}, '{}'::jsonb
-      from generate_series(1, ${count})
-    returning id::text`
-  return rows.map((row) => Number(row.id))
-}
-
-const row = (runId: number, text = `{"run":${runId}}\n`): UploadRow => ({
-  runId,
-  ...scope,
-  snapshotJsonl: text,
-  bytes: Buffer.byteLength(text),
-  terminalStatus: "completed"
-})
-
-interface Answer {
-  readonly error: DatabaseError | UploadsBusy | undefined
-  readonly id: string | undefined
-}
-
-const upload = (groups: UploadGroups, given: UploadRow): Promise<Answer> =>
-  new Promise((resolve) => groups.submit(given, (error, id) => resolve({ error, id })))
 
 const sqlStates = (answers: ReadonlyArray<Answer>) =>
   answers.map((answer) => (answer.error as DatabaseError | undefined)?.sqlState)
 
-const storedRuns = async (runIds: ReadonlyArray<number>) =>
-  (await sql<Array<{ id: string }>>`
-    select run_id::text as id from agent_transcript_snapshots where run_id in ${sql(runIds)} order by run_id`)
-    .map((stored) => Number(stored.id))
-
-const limits = (overrides: Partial<UploadGroupLimits>): UploadGroupLimits => ({ ...defaultUploadGroupLimits, ...overrides })
-
-const waitUntil = async (condition: () => Promise<boolean> | boolean, what: string) => {
-  const deadline = Date.now() + 10_000
-  while (!(await condition())) {
-    if (Date.now() > deadline) throw new Error(`timed out waiting until ${what}`)
-    await new Promise((resolve) => setTimeout(resolve, 10))
-  }
-}
-
 /** Upload statements of this database waiting on a lock (the barrier, a row lock or a table lock). */
 const waitingUploads = async () => {
-  const [waiting] = await sql<Array<{ count: number }>>`
+  const [waiting] = await db()<Array<{ count: number }>>`
     select count(*)::int as count from pg_stat_activity
      where datname = current_database() and wait_event_type = 'Lock'
        and query like 'insert into agent_transcript_snapshots%'`
@@ -104,7 +41,7 @@ const barrierKey = 4_711
  * and removes it all afterwards.
  */
 const withBarrierTrigger = async (body: string, f: (open: () => Promise<void>) => Promise<void>) => {
-  await sql.unsafe(`
+  await db().unsafe(`
     create function test_barrier() returns trigger language plpgsql as $$
     declare n int := coalesce(nullif(current_setting('test.rows', true), ''), '0')::int + 1;
     begin
@@ -114,7 +51,7 @@ const withBarrierTrigger = async (body: string, f: (open: () => Promise<void>) =
     end $$;
     create trigger test_barrier before insert on agent_transcript_snapshots
       for each row execute function test_barrier();`)
-  const holder = await sql.reserve()
+  const holder = await db().reserve()
   let closed = true
   const open = async () => {
     if (!closed) return
@@ -127,7 +64,7 @@ const withBarrierTrigger = async (body: string, f: (open: () => Promise<void>) =
   } finally {
     await open()
     holder.release()
-    await sql.unsafe("drop trigger test_barrier on agent_transcript_snapshots; drop function test_barrier()")
+    await db().unsafe("drop trigger test_barrier on agent_transcript_snapshots; drop function test_barrier()")
   }
 }
 
@@ -135,15 +72,15 @@ const pauseBeforeSecondRow = `if n = 2 then perform pg_advisory_xact_lock_shared
 
 describe("UploadGroups under concurrency", () => {
   it("[R1, R2, R3, R2', R1'] in one tick: a run in flight is held back, so no deadlock and every upload is answered", async () => {
-    const groups = new UploadGroups(sql)
+    const groups = new UploadGroups(db())
     const [r1, r2, r3] = await newRuns(3)
     await withBarrierTrigger(pauseBeforeSecondRow, async (open) => {
-      const before = uploadStatements
+      const before = sent()
       const answers = [r1!, r2!, r3!, r2!, r1!].map((runId, index) => upload(groups, row(runId, `upload ${index}\n`)))
       // Every statement sent has written its first row and waits before its second.
       await waitUntil(async () => {
         const waiting = await waitingUploads()
-        return waiting > 0 && waiting === uploadStatements - before
+        return waiting > 0 && waiting === sent() - before
       }, "every upload statement sent waits at the barrier")
       await open()
       const settled = await Promise.all(answers)
@@ -151,18 +88,18 @@ describe("UploadGroups under concurrency", () => {
       // The first upload of each run wins; the second ones meet the stored row and store nothing.
       expect(settled.map((answer) => answer.id !== undefined)).toEqual([true, true, true, false, false])
       // R1, R2, R3, then the held-back R1', R2': no statement was aborted and sent again.
-      expect(uploadStatements - before).toBe(2)
+      expect(sent() - before).toBe(2)
     })
     expect(await storedRuns([r1!, r2!, r3!])).toEqual([r1, r2, r3])
   })
 
   it("two processes' statements take rows in run id order, so they wait on each other but never deadlock", async () => {
     // Two UploadGroups stand for two processes: neither can hold back the other's runs.
-    const first = new UploadGroups(sql)
-    const second = new UploadGroups(sql)
+    const first = new UploadGroups(db())
+    const second = new UploadGroups(db())
     const [r1, r2] = await newRuns(2)
     await withBarrierTrigger(pauseBeforeSecondRow, async (open) => {
-      const before = uploadStatements
+      const before = sent()
       const answers = [
         upload(first, row(r1!, "first process\n")),
         upload(first, row(r2!, "first process\n")),
@@ -175,15 +112,15 @@ describe("UploadGroups under concurrency", () => {
       expect(sqlStates(settled)).toEqual([undefined, undefined, undefined, undefined])
       expect(settled.filter((answer) => answer.id !== undefined)).toHaveLength(2)
       // One statement each: neither was aborted by a deadlock and sent again.
-      expect(uploadStatements - before).toBe(2)
+      expect(sent() - before).toBe(2)
     })
     expect(await storedRuns([r1!, r2!])).toEqual([r1, r2])
   })
 
   it("a statement aborted by a deadlock with another writer goes again once, and its uploads succeed", async () => {
-    const groups = new UploadGroups(sql)
+    const groups = new UploadGroups(db())
     const [r1, r2] = await newRuns(2)
-    const other = await sql.reserve()
+    const other = await db().reserve()
     try {
       // The other writer: inserts R2's row and, once the group waits on it, R1's, closing the cycle.
       await other`begin`
@@ -210,7 +147,7 @@ describe("UploadGroups under concurrency", () => {
   })
 
   it("row-by-row retries after a refused group stay within maxStatementsInFlight", async () => {
-    const groups = new UploadGroups(sql, limits({ maxStatementsInFlight: 1 }))
+    const groups = new UploadGroups(db(), limits({ maxStatementsInFlight: 1 }))
     const runIds = await newRuns(4)
     // The fault: the row of the smallest run id is refused at once; every other row waits at the barrier.
     const body = `if new.snapshot_jsonl = 'bad' then raise exception 'refused' using errcode = '22023'; end if;
@@ -232,11 +169,11 @@ describe("UploadGroups under concurrency", () => {
 
   it("admission: beyond maxQueuedUploads or maxQueuedBytes an upload fails UploadsBusy at once; a queued one fails it at its deadline", async () => {
     const groups = new UploadGroups(
-      sql,
+      db(),
       limits({ maxStatementsInFlight: 1, maxQueuedUploads: 2, maxQueuedBytes: 100, queueTimeoutMs: 300 })
     )
     const runIds = await newRuns(5)
-    const blocker = await sql.reserve()
+    const blocker = await db().reserve()
     try {
       await blocker`begin`
       await blocker`lock table agent_transcript_snapshots in exclusive mode`
