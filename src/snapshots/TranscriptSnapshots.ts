@@ -152,81 +152,80 @@ const positiveInteger = Effect.fnUntraced(function*(variable: string, fallback: 
 })
 
 const make = Effect.fnUntraced(function*(database: Database["Service"], limits: Partial<UploadGroupLimits>) {
+  const put = Effect.fn("TranscriptSnapshots.put")(function*(scope: SnapshotScope, given: PutSnapshot | CheckedSnapshot) {
+    const snapshot = checked(given)
+    if (!(snapshot instanceof CheckedSnapshot)) return yield* snapshot
+    const { input, bytes } = snapshot
+    const rows = yield* database.use("TranscriptSnapshots.put", (sql) =>
+      sql<Array<{ id: string }>>`
+        insert into agent_transcript_snapshots
+          (organization_id, agent_id, conversation_id, run_id, snapshot_jsonl, byte_size, terminal_status)
+        values (${scope.organizationId}, ${scope.agentId}, ${scope.conversationId}, ${input.runId},
+                ${input.snapshotJsonl}, ${bytes}, ${input.terminalStatus})
+        on conflict (organization_id, agent_id, conversation_id, run_id) do nothing
+        returning id::text`).pipe(
+      Effect.catchIf(
+        (error) => error.sqlState === "23503",
+        () => Effect.fail(new InvalidSnapshot({ field: "runId", message: "no such run" }))
+      )
+    )
+    const row = rows[0]
+    if (row === undefined) return yield* new SnapshotExists({ runId: input.runId })
+    return { id: Number(row.id) }
+  })
 
-      const put = Effect.fn("TranscriptSnapshots.put")(function*(scope: SnapshotScope, given: PutSnapshot | CheckedSnapshot) {
-        const snapshot = checked(given)
-        if (!(snapshot instanceof CheckedSnapshot)) return yield* snapshot
-        const { input, bytes } = snapshot
-        const rows = yield* database.use("TranscriptSnapshots.put", (sql) =>
-          sql<Array<{ id: string }>>`
-            insert into agent_transcript_snapshots
-              (organization_id, agent_id, conversation_id, run_id, snapshot_jsonl, byte_size, terminal_status)
-            values (${scope.organizationId}, ${scope.agentId}, ${scope.conversationId}, ${input.runId},
-                    ${input.snapshotJsonl}, ${bytes}, ${input.terminalStatus})
-            on conflict (organization_id, agent_id, conversation_id, run_id) do nothing
-            returning id::text`).pipe(
-          Effect.catchIf(
-            (error) => error.sqlState === "23503",
-            () => Effect.fail(new InvalidSnapshot({ field: "runId", message: "no such run" }))
-          )
-        )
-        const row = rows[0]
-        if (row === undefined) return yield* new SnapshotExists({ runId: input.runId })
-        return { id: Number(row.id) }
-      })
+  // Concurrent uploads share statements (see uploadGroups.ts). Untraced like RunOwnership.verify:
+  // this is the upload's hot path (npm run bench).
+  const groups = new UploadGroups(database.sql, { ...defaultUploadGroupLimits, ...limits })
+  const putIfRunInScope = (scope: SnapshotScope, given: PutSnapshot | CheckedSnapshot) => {
+    const snapshot = checked(given)
+    if (!(snapshot instanceof CheckedSnapshot)) return Effect.fail(snapshot)
+    const row: UploadRow = {
+      runId: snapshot.input.runId,
+      organizationId: scope.organizationId,
+      agentId: scope.agentId,
+      conversationId: scope.conversationId,
+      snapshotJsonl: snapshot.input.snapshotJsonl,
+      bytes: snapshot.bytes,
+      terminalStatus: snapshot.input.terminalStatus
+    }
+    return Effect.callback<Option.Option<{ readonly id: number }>, DatabaseError | UploadsBusy>((resume) => {
+      const queued = groups.submit(row, (error, id) =>
+        resume(
+          error !== undefined
+            ? Effect.fail(error)
+            : Effect.succeed(id === undefined ? Option.none() : Option.some({ id: Number(id) }))
+        ))
+      // Not admitted: already answered, nothing to withdraw.
+      if (queued !== undefined) return Effect.sync(() => groups.withdraw(queued))
+    })
+  }
 
-      // Concurrent uploads share statements (see uploadGroups.ts). Untraced like RunOwnership.verify:
-      // this is the upload's hot path (npm run bench).
-      const groups = new UploadGroups(database.sql, { ...defaultUploadGroupLimits, ...limits })
-      const putIfRunInScope = (scope: SnapshotScope, given: PutSnapshot | CheckedSnapshot) => {
-        const snapshot = checked(given)
-        if (!(snapshot instanceof CheckedSnapshot)) return Effect.fail(snapshot)
-        const row: UploadRow = {
-          runId: snapshot.input.runId,
-          organizationId: scope.organizationId,
-          agentId: scope.agentId,
-          conversationId: scope.conversationId,
-          snapshotJsonl: snapshot.input.snapshotJsonl,
-          bytes: snapshot.bytes,
-          terminalStatus: snapshot.input.terminalStatus
-        }
-        return Effect.callback<Option.Option<{ readonly id: number }>, DatabaseError | UploadsBusy>((resume) => {
-          const queued = groups.submit(row, (error, id) =>
-            resume(
-              error !== undefined
-                ? Effect.fail(error)
-                : Effect.succeed(id === undefined ? Option.none() : Option.some({ id: Number(id) }))
-            ))
-          // Not admitted: already answered, nothing to withdraw.
-          if (queued !== undefined) return Effect.sync(() => groups.withdraw(queued))
-        })
-      }
+  const uploadQueue = Effect.sync((): UploadQueueUsage => ({
+    queued: groups.queued,
+    queuedBytes: groups.queuedSnapshotBytes,
+    statementsInFlight: groups.statementsInFlight
+  }))
 
-      const uploadQueue = Effect.sync((): UploadQueueUsage => ({
-        queued: groups.queued,
-        queuedBytes: groups.queuedSnapshotBytes,
-        statementsInFlight: groups.statementsInFlight
-      }))
+  const latest = Effect.fn("TranscriptSnapshots.latest")(function*(scope: SnapshotScope) {
+    const rows = yield* database.use("TranscriptSnapshots.latest", (sql) =>
+      sql<Array<{ snapshot_jsonl: string }>>`
+        select snapshot_jsonl from agent_transcript_snapshots
+         where organization_id = ${scope.organizationId} and agent_id = ${scope.agentId}
+           and conversation_id = ${scope.conversationId} and terminal_status = 'completed'
+         order by run_id desc
+         limit 1`)
+    return Option.fromNullishOr(rows[0]?.snapshot_jsonl)
+  })
 
-      const latest = Effect.fn("TranscriptSnapshots.latest")(function*(scope: SnapshotScope) {
-        const rows = yield* database.use("TranscriptSnapshots.latest", (sql) =>
-          sql<Array<{ snapshot_jsonl: string }>>`
-            select snapshot_jsonl from agent_transcript_snapshots
-             where organization_id = ${scope.organizationId} and agent_id = ${scope.agentId}
-               and conversation_id = ${scope.conversationId} and terminal_status = 'completed'
-             order by run_id desc
-             limit 1`)
-        return Option.fromNullishOr(rows[0]?.snapshot_jsonl)
-      })
+  const reset = Effect.fn("TranscriptSnapshots.reset")(function*(scope: SnapshotScope) {
+    const rows = yield* database.use("TranscriptSnapshots.reset", (sql) =>
+      sql`
+        delete from agent_transcript_snapshots
+         where organization_id = ${scope.organizationId} and agent_id = ${scope.agentId}
+           and conversation_id = ${scope.conversationId}`)
+    return { deleted: rows.count }
+  })
 
-      const reset = Effect.fn("TranscriptSnapshots.reset")(function*(scope: SnapshotScope) {
-        const rows = yield* database.use("TranscriptSnapshots.reset", (sql) =>
-          sql`
-            delete from agent_transcript_snapshots
-             where organization_id = ${scope.organizationId} and agent_id = ${scope.agentId}
-               and conversation_id = ${scope.conversationId}`)
-        return { deleted: rows.count }
-      })
-
-      return TranscriptSnapshots.of({ put, putIfRunInScope, uploadQueue, latest, reset })
+  return TranscriptSnapshots.of({ put, putIfRunInScope, uploadQueue, latest, reset })
 })
