@@ -55,7 +55,7 @@ export class SnapshotsGroup extends HttpApiGroup.make("snapshots")
     HttpApiEndpoint.post("upload", "/snapshot", {
       payload: SnapshotUpload,
       success: Schema.Struct({ id: Schema.Number }),
-      error: [BadRequest, Forbidden, Conflict, PayloadTooLarge, InternalError]
+      error: [BadRequest, Forbidden, Conflict, PayloadTooLarge, InternalError, Unavailable]
     }),
     HttpApiEndpoint.get("latest", "/snapshot", {
       success: SnapshotJsonl,

@@ -1,6 +1,8 @@
 /**
  * GET /health, /health/ready, /health/orchestrator and /metrics. None needs a token (they are meant
- * for load balancers and scrapers); none reveals a tenant's data.
+ * for load balancers and scrapers); none reveals a tenant's data or the deployment's internals (a
+ * failed readiness check says what kind of failure, the details go to the log). Their database
+ * queries share a small budget (probeBudget.ts), so anonymous callers can never starve the pool.
  */
 import { Effect, Option } from "effect"
 import { HttpApiBuilder } from "effect/http-api"
@@ -8,15 +10,20 @@ import { HttpServerResponse } from "effect/http"
 import { PrometheusMetrics } from "effect/observability"
 import { Migrator } from "../db/Migrator.ts"
 import { ConversationLocks } from "../locks/ConversationLocks.ts"
-import { type RunCount, RunsQueue } from "../runs/RunsQueue.ts"
-import { lockMetricsText, runCountsText } from "./prometheusText.ts"
+import { RunsQueue } from "../runs/RunsQueue.ts"
+import { TranscriptSnapshots } from "../snapshots/TranscriptSnapshots.ts"
+import { makeProbeBudget } from "./probeBudget.ts"
+import { lockMetricsText, runCountsText, uploadQueueText } from "./prometheusText.ts"
+import { makeRunCountsCache } from "./runCountsCache.ts"
 import { RunlaneApi, Unavailable } from "./RunlaneApi.ts"
 
 /** /health/orchestrator answers without the pg_locks figures rather than wait longer than this. */
 export const orchestratorDatabaseTimeoutMs = 1_000
 
-/** Run counts read the whole runs table, so a scrape reuses an answer younger than this. */
-export const runCountsMaxAgeMs = 15_000
+/** /health/ready answers 503 rather than wait longer than this for the migration state. */
+export const readyDatabaseTimeoutMs = 2_000
+
+const notAnswering = new Unavailable({ error: "Database unavailable" })
 
 export const HealthHandlers = HttpApiBuilder.group(
   RunlaneApi,
@@ -25,45 +32,38 @@ export const HealthHandlers = HttpApiBuilder.group(
     const migrator = yield* Migrator
     const locks = yield* ConversationLocks
     const queue = yield* RunsQueue
-
-    let cachedCounts: { readonly at: number; readonly counts: ReadonlyArray<RunCount> } | undefined
-    const runCounts = Effect.suspend(() => {
-      if (cachedCounts !== undefined && Date.now() - cachedCounts.at < runCountsMaxAgeMs) {
-        return Effect.succeed(cachedCounts.counts)
-      }
-      return queue.counts.pipe(
-        Effect.tap((counts) => Effect.sync(() => (cachedCounts = { at: Date.now(), counts }))),
-        Effect.catch((error) =>
-          Effect.as(Effect.logWarning("run counts for /metrics could not be read", { message: error.message }), undefined)
-        )
-      )
-    })
+    const snapshots = yield* TranscriptSnapshots
+    const budget = yield* makeProbeBudget
+    const runCounts = makeRunCountsCache(queue.counts, budget)
 
     return handlers.handleAll({
       health: () => Effect.succeed({ status: "ok" as const }),
       ready: () =>
         Effect.gen(function*() {
           // Reading the migration state is itself a round trip: it also proves the database answers.
-          const status = yield* migrator.status
-          if (status.pending.length > 0) {
-            return yield* new Unavailable({ error: `${status.pending.length} migration(s) pending` })
-          }
-          return { status: "ready" as const, migrationsApplied: status.applied.length }
+          const status = yield* budget.run(migrator.status, readyDatabaseTimeoutMs)
+          if (Option.isNone(status)) return yield* notAnswering
+          const pending = status.value.pending.length
+          if (pending > 0) return yield* new Unavailable({ error: `${pending} migration(s) pending` })
+          return { status: "ready" as const, migrationsApplied: status.value.applied.length }
         }).pipe(
           Effect.catchTags({
             DatabaseError: (error) =>
               Effect.logWarning("readiness check failed", { message: error.message }).pipe(
-                Effect.andThen(Effect.fail(new Unavailable({ error: "Database unavailable" })))
+                Effect.andThen(Effect.fail(notAnswering))
               ),
-            MigrationError: (error) => Effect.fail(new Unavailable({ error: error.message }))
+            MigrationError: (error) =>
+              Effect.logError("readiness check: the migrations do not match this version", {
+                migration: error.migration,
+                message: error.message
+              }).pipe(Effect.andThen(Effect.fail(new Unavailable({ error: "Migrations do not match this version" }))))
           })
         ),
       orchestrator: () =>
         Effect.gen(function*() {
           const usage = yield* locks.localUsage
           // The local figures never wait on the database; the pg_locks ones are best effort.
-          const inDatabase = yield* locks.usage.pipe(
-            Effect.timeoutOption(orchestratorDatabaseTimeoutMs),
+          const inDatabase = yield* budget.run(locks.usage, orchestratorDatabaseTimeoutMs).pipe(
             Effect.map(Option.getOrUndefined),
             Effect.catch(() => Effect.succeed(undefined))
           )
@@ -88,8 +88,9 @@ export const HealthHandlers = HttpApiBuilder.group(
         Effect.gen(function*() {
           const usage = yield* locks.localUsage
           const counts = yield* runCounts
+          const uploads = yield* snapshots.uploadQueue
           const http = yield* PrometheusMetrics.format()
-          return HttpServerResponse.text(lockMetricsText(usage) + runCountsText(counts) + http, {
+          return HttpServerResponse.text(lockMetricsText(usage) + runCountsText(counts) + uploadQueueText(uploads) + http, {
             contentType: "text/plain; version=0.0.4; charset=utf-8"
           })
         })

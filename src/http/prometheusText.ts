@@ -3,7 +3,8 @@
  * HTTP metrics come from Effect's metric registry instead (see httpMetrics.ts).
  */
 import type { LocalLockUsage } from "../locks/ConversationLocks.ts"
-import type { RunCount } from "../runs/RunsQueue.ts"
+import type { UploadQueueUsage } from "../snapshots/TranscriptSnapshots.ts"
+import type { RunCountsView } from "./runCountsCache.ts"
 
 const escapeLabel = (value: string): string => value.replace(/\\/g, "\\\\").replace(/"/g, "\\\"").replace(/\n/g, "\\n")
 
@@ -44,14 +45,30 @@ export const lockMetricsText = (usage: LocalLockUsage): string =>
     ])
   ].join("")
 
-/** `counts` undefined means they could not be read this time; the `_up` gauge says so. */
-export const runCountsText = (counts: ReadonlyArray<RunCount> | undefined): string =>
-  metric("runlane_runs_count_up", "gauge", "1 when the run counts below could be read", [
-    `runlane_runs_count_up ${counts === undefined ? 0 : 1}`
+/** The last counts read (none before the first success); `_up` says whether the latest attempt succeeded. */
+export const runCountsText = ({ ageSeconds, counts, up }: RunCountsView): string =>
+  metric("runlane_runs_count_up", "gauge", "1 when the latest attempt to count runs succeeded", [
+    `runlane_runs_count_up ${up ? 1 : 0}`
   ]) +
+  (ageSeconds === undefined ? "" : metric("runlane_runs_count_age_seconds", "gauge", "Age of the run counts below", [
+    `runlane_runs_count_age_seconds ${ageSeconds}`
+  ])) +
   (counts === undefined || counts.length === 0 ? "" : metric(
     "runlane_runs",
     "gauge",
     "Runs by queue and status",
     counts.map((c) => `runlane_runs{queue="${escapeLabel(c.queue)}",status="${escapeLabel(c.status)}"} ${c.count}`)
   ))
+
+export const uploadQueueText = (usage: UploadQueueUsage): string =>
+  [
+    metric("runlane_snapshot_uploads_queued", "gauge", "Snapshot uploads waiting for a statement", [
+      `runlane_snapshot_uploads_queued ${usage.queued}`
+    ]),
+    metric("runlane_snapshot_uploads_queued_bytes", "gauge", "Snapshot bytes waiting for a statement", [
+      `runlane_snapshot_uploads_queued_bytes ${usage.queuedBytes}`
+    ]),
+    metric("runlane_snapshot_upload_statements", "gauge", "Snapshot upload statements running", [
+      `runlane_snapshot_upload_statements ${usage.statementsInFlight}`
+    ])
+  ].join("")

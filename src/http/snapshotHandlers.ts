@@ -5,26 +5,48 @@
  * POST checks, in this order (reference section 4.3): body size (413, before the body is read),
  * JSON (400), terminal status (400), snapshot present (400), snapshot size in UTF-8 (413), storable
  * text (400), run id a positive integer (400), the token's run id equals the body's (403), the run
- * belongs to the token's scope (403), first writer wins (409).
+ * belongs to the token's scope (403), first writer wins (409). 503 with Retry-After when the upload
+ * queue is full or the upload waited past its deadline.
  */
 import { Effect, Option, Predicate } from "effect"
 import { HttpApiBuilder } from "effect/http-api"
 import { HttpServerResponse } from "effect/http"
 import { RunOwnership } from "../ownership/RunOwnership.ts"
 import type { TerminalStatus } from "../schema/transcriptSnapshots.ts"
-import { checkSnapshot, maxSnapshotBytes, type PutSnapshot, TranscriptSnapshots } from "../snapshots/TranscriptSnapshots.ts"
+import {
+  checkSnapshot,
+  maxSnapshotBytes,
+  type PutSnapshot,
+  TranscriptSnapshots,
+  UploadsBusy
+} from "../snapshots/TranscriptSnapshots.ts"
 import { answerDatabaseFailure } from "./internalError.ts"
 import { parseJson, readBodyText } from "./requestBody.ts"
 import { BadRequest, Conflict, Forbidden, NotFound, PayloadTooLarge, RunlaneApi, WorkerIdentity } from "./RunlaneApi.ts"
 
 /**
- * The largest upload body read: a snapshot at its 4 MiB limit plus JSON escaping (a JSONL transcript
- * is mostly quotes and newlines, each escaped into two bytes) and the envelope. Anything larger
- * cannot hold a snapshot within the limit, so it is refused unread.
+ * The largest upload body read: a snapshot at its 4 MiB limit in the worst JSON escaping, plus the
+ * envelope. The limit that matters is the snapshot's own, checked on the decoded text; this one only
+ * refuses unread what cannot hold a valid snapshot. Worst case per UTF-8 byte: a control character
+ * (1 byte) as `\u0001` is 6 bytes; `\uXXXX` (Python's json.dumps default) makes Cyrillic or Greek 3x
+ * (2 bytes → 6), CJK 2x (3 → 6) and astral characters 3x (4 → 12, a surrogate pair). So 6x admits
+ * every valid snapshot; 2x refused a 3 MiB Cyrillic transcript.
  */
-export const maxUploadBodyBytes = 2 * maxSnapshotBytes + 64 * 1024
+export const maxUploadBodyBytes = 6 * maxSnapshotBytes + 64 * 1024
 
 const outOfScope = new Forbidden({ error: "runId out of scope" })
+
+/**
+ * Seconds a worker is told to wait when the upload queue is full or an upload waited past its
+ * deadline (503): at the measured rates a full queue of small uploads drains well within it.
+ */
+export const uploadRetryAfterSeconds = 1
+
+const busy = (error: UploadsBusy) =>
+  HttpServerResponse.jsonUnsafe({ error: `Busy: ${error.message}; retry later` }, {
+    status: 503,
+    headers: { "retry-after": String(uploadRetryAfterSeconds) }
+  })
 
 const fieldErrors: Record<string, string> = {
   terminalStatus: "Invalid terminalStatus",
@@ -75,8 +97,9 @@ export const SnapshotHandlers = HttpApiBuilder.group(
           }
           if (identity.kind !== "run" || identity.runId !== input.runId) return yield* outOfScope
           const stored = yield* snapshots.putIfRunInScope(identity.scope, snapshot).pipe(
-            Effect.catchTags(refusalsAfterChecks)
+            Effect.catchTags({ ...refusalsAfterChecks, UploadsBusy: (error) => Effect.succeed(error) })
           )
+          if (stored instanceof UploadsBusy) return busy(stored)
           if (Option.isSome(stored)) return stored.value
           // Not stored in one statement: the run is another scope's, a legacy row without scope columns,
           // or it already has a snapshot. RunOwnership tells the first two apart.

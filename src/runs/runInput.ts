@@ -127,7 +127,14 @@ const checkJson = (path: string, value: unknown, depth: number, ancestors: Set<o
       return bad === undefined ? undefined : { field: path, message: bad }
     }
     case "number":
-      return Number.isFinite(value) ? undefined : { field: path, message: `is ${value}, which JSON cannot carry` }
+      if (!Number.isFinite(value)) return { field: path, message: `is ${value}, which JSON cannot carry` }
+      // Beyond 2^53 - 1 a number is no longer exact: JSON.parse has already rounded
+      // 12345678901234567891 to 12345678901234567000 before we see it, silently. Refused rather than
+      // stored differently from what was sent, for library callers too (one rule for both doors).
+      return Math.abs(value) <= Number.MAX_SAFE_INTEGER ? undefined : {
+        field: path,
+        message: `is beyond ±(2^53 - 1) = ${Number.MAX_SAFE_INTEGER}, where a JSON number is not exact; send it as a string`
+      }
     case "boolean":
       return undefined
     case "object": {

@@ -11,13 +11,23 @@
  * statements are already in flight. It also bounds the pool connections uploads take at once.
  *
  * Each row is still decided alone: it is inserted only when its run's scope columns equal its scope,
- * and the first writer of a run wins (ON CONFLICT DO NOTHING). Two uploads for one run never share a
- * statement, so each row of the answer belongs to exactly one waiting upload. When PostgreSQL refuses a
- * grouped statement for a row's values (then none of it was written), every row is tried again alone,
- * so one bad row fails only its own upload.
+ * and the first writer of a run wins (ON CONFLICT DO NOTHING). Which uploads share a statement, and in
+ * which order, is uploadGrouping.ts's rule (no two statements in flight for one run, rows by run id:
+ * no deadlock). When PostgreSQL refuses a grouped statement for a row's values (then none of it was
+ * written), every row is queued again to go alone, so one bad row fails only its own upload; a
+ * statement aborted by a deadlock or a serialization failure (no row to blame) goes again once. Both
+ * retries wait for a statement like any upload: the in-flight bound holds for them too.
+ *
+ * Admission: the queue holds at most `maxQueuedUploads` uploads and `maxQueuedBytes` of snapshots (one
+ * upload larger than that is still admitted into an empty queue), and an upload waits at most
+ * `queueTimeoutMs` for its statement. Beyond either it fails `UploadsBusy`, which the route answers 503
+ * with Retry-After: under a burst, memory stays bounded and a worker hears "later" instead of waiting.
  */
+import { Schema } from "effect"
 import type postgres from "postgres"
 import { DatabaseError } from "../db/DatabaseError.ts"
+import { nextGroup } from "./uploadGrouping.ts"
+import { statementFor } from "./uploadStatement.ts"
 
 export interface UploadRow {
   readonly runId: number
@@ -30,8 +40,14 @@ export interface UploadRow {
   readonly terminalStatus: string
 }
 
+/** The upload was not admitted, or waited longer than its deadline for a statement; nothing was stored. */
+export class UploadsBusy extends Schema.TaggedError<UploadsBusy>()("UploadsBusy", {
+  reason: Schema.Literals(["queue full", "queued too long"]),
+  message: Schema.String
+}) {}
+
 /** `id` is the stored snapshot's id, or undefined when nothing was stored (out of scope, or a snapshot exists). */
-export type UploadDone = (error: DatabaseError | undefined, id: string | undefined) => void
+export type UploadDone = (error: DatabaseError | UploadsBusy | undefined, id: string | undefined) => void
 
 export interface UploadGroupLimits {
   /**
@@ -43,12 +59,24 @@ export interface UploadGroupLimits {
   readonly maxRowsPerStatement: number
   /** Snapshot bytes per statement; a single larger snapshot still goes, alone. */
   readonly maxBytesPerStatement: number
+  /** Uploads waiting for a statement; more are refused. */
+  readonly maxQueuedUploads: number
+  /** Snapshot bytes waiting for a statement; more are refused (one upload alone is always admitted). */
+  readonly maxQueuedBytes: number
+  /** How long an upload may wait for its statement before it fails `UploadsBusy`. */
+  readonly queueTimeoutMs: number
 }
 
 export const defaultUploadGroupLimits: UploadGroupLimits = {
   maxStatementsInFlight: 4,
   maxRowsPerStatement: 100,
-  maxBytesPerStatement: 8 * 1024 * 1024
+  maxBytesPerStatement: 8 * 1024 * 1024,
+  // 1,000 uploads of the measured p99 (1.3 KB) are 1.3 MB; 64 MiB caps a burst of large ones at 16
+  // snapshots of the 4 MiB maximum. Statements in flight hold at most 4 x 8 MiB more.
+  maxQueuedUploads: 1_000,
+  maxQueuedBytes: 64 * 1024 * 1024,
+  // Far below a worker's request timeout, so it hears 503 and retries instead of timing out.
+  queueTimeoutMs: 10_000
 }
 
 const operation = "TranscriptSnapshots.putIfRunInScope"
@@ -56,60 +84,67 @@ const operation = "TranscriptSnapshots.putIfRunInScope"
 /**
  * SQLSTATE classes 22 (data exception) and 23 (integrity constraint violation, e.g. a run deleted
  * between the join and the insert) are about one row's values, so the group is retried row by row.
- * Anything else (a timeout, a lost connection, an overloaded server) would fail each row alone too,
- * and retrying them one by one would only multiply the load: every upload of the group gets the error.
  */
 const oneRowCanBeToBlame = (sqlState: string | undefined): boolean =>
   sqlState !== undefined && (sqlState.startsWith("22") || sqlState.startsWith("23"))
 
-const columnsPerRow = 7
+/**
+ * A deadlock (40P01) or serialization failure (40001) aborts a statement that did nothing wrong (with
+ * rows by run id, only another writer can be in the cycle): the same group goes again, once. Anything
+ * else (a timeout, a lost connection, an overloaded server) would fail each row alone too, and
+ * retrying would only multiply the load: every upload of the group gets the error.
+ */
+const abortedByAnotherWriter = (sqlState: string | undefined): boolean => sqlState === "40P01" || sqlState === "40001"
 
 /** One queued upload; `withdraw` takes it back while it is still queued. */
 export class QueuedUpload {
-  constructor(readonly row: UploadRow, readonly done: UploadDone) {}
+  /** Goes in a statement of its own: its group was refused for one row's values. */
+  alone = false
+  /** Its statement was already aborted once by another writer (see abortedByAnotherWriter). */
+  retried = false
+  constructor(readonly row: UploadRow, readonly done: UploadDone, readonly deadline: number) {}
 }
 
-const statementFor = (rows: number): string => {
-  const values: Array<string> = []
-  for (let row = 0; row < rows; row++) {
-    const first = row * columnsPerRow
-    const [runId, organization, agent, conversation, snapshot, bytes, status] = Array.from(
-      { length: columnsPerRow },
-      (_, column) => `$${first + column + 1}`
-    )
-    values.push(`(${runId}::bigint, ${organization}::text, ${agent}::text, ${conversation}::text, ${snapshot}::text, ${bytes}::integer, ${status}::text)`)
-  }
-  return `insert into agent_transcript_snapshots
-  (organization_id, agent_id, conversation_id, run_id, snapshot_jsonl, byte_size, terminal_status)
-select r.organization_id, r.agent_id, r.conversation_id, r.id, u.snapshot_jsonl, u.byte_size, u.terminal_status
-  from (values ${values.join(", ")})
-    as u (run_id, organization_id, agent_id, conversation_id, snapshot_jsonl, byte_size, terminal_status)
-  join runs r on r.id = u.run_id and r.organization_id = u.organization_id
-             and r.agent_id = u.agent_id and r.conversation_id = u.conversation_id
-on conflict (organization_id, agent_id, conversation_id, run_id) do nothing
-returning run_id::text, id::text`
-}
+const queueFull = new UploadsBusy({ reason: "queue full", message: "too many uploads are waiting for the database" })
+const queuedTooLong = new UploadsBusy({ reason: "queued too long", message: "the upload waited too long for the database" })
 
 export class UploadGroups {
   private queue: Array<QueuedUpload> = []
+  private queuedBytes = 0
   private inFlight = 0
+  /** Runs of the statements in flight: their next uploads are held back (uploadGrouping.ts). */
+  private readonly runsInFlight = new Set<number>()
   private flushScheduled = false
+  private deadlineTimer: ReturnType<typeof setTimeout> | undefined
   /** Statement text per row count, built once: postgres.js prepares each text once per connection. */
   private readonly statements = new Map<number, string>()
   private readonly flushNow = () => this.flush()
+  private readonly expireNow = () => this.expire()
 
   constructor(
     private readonly sql: postgres.Sql,
     private readonly limits: UploadGroupLimits = defaultUploadGroupLimits
   ) {}
 
-  submit(row: UploadRow, done: UploadDone): QueuedUpload {
-    const upload = new QueuedUpload(row, done)
-    this.queue.push(upload)
-    // Uploads submitted in the same tick leave together; the flush itself waits for nothing.
-    if (!this.flushScheduled && this.inFlight < this.limits.maxStatementsInFlight) {
-      this.flushScheduled = true
-      queueMicrotask(this.flushNow)
+  /** Queues an upload; undefined when it is not admitted (`done` has been called with UploadsBusy). */
+  submit(row: UploadRow, done: UploadDone): QueuedUpload | undefined {
+    if (
+      this.queue.length >= this.limits.maxQueuedUploads ||
+      (this.queue.length > 0 && this.queuedBytes + row.bytes > this.limits.maxQueuedBytes)
+    ) {
+      done(queueFull, undefined)
+      return undefined
+    }
+    const upload = new QueuedUpload(row, done, Date.now() + this.limits.queueTimeoutMs)
+    this.enqueue(upload)
+    if (this.inFlight < this.limits.maxStatementsInFlight) {
+      // Uploads submitted in the same tick leave together; the flush itself waits for nothing.
+      if (!this.flushScheduled) {
+        this.flushScheduled = true
+        queueMicrotask(this.flushNow)
+      }
+    } else if (this.deadlineTimer === undefined) {
+      this.armDeadline()
     }
     return upload
   }
@@ -117,40 +152,70 @@ export class UploadGroups {
   /** Takes a queued upload back (its caller gave up); once its statement is sent, it stays sent. */
   withdraw(upload: QueuedUpload): void {
     const index = this.queue.indexOf(upload)
-    if (index !== -1) this.queue.splice(index, 1)
+    if (index === -1) return
+    this.queue.splice(index, 1)
+    this.queuedBytes -= upload.row.bytes
   }
 
-  /** Uploads waiting for a statement (the tests read it). */
+  /** Uploads waiting for a statement. */
   get queued(): number {
     return this.queue.length
+  }
+
+  /** Snapshot bytes waiting for a statement. */
+  get queuedSnapshotBytes(): number {
+    return this.queuedBytes
+  }
+
+  /** Statements running now (retries included). */
+  get statementsInFlight(): number {
+    return this.inFlight
+  }
+
+  private enqueue(upload: QueuedUpload): void {
+    this.queue.push(upload)
+    this.queuedBytes += upload.row.bytes
+  }
+
+  /** Puts uploads back at the head of the queue (they keep their deadlines). */
+  private requeue(uploads: ReadonlyArray<QueuedUpload>): void {
+    for (const upload of uploads) this.queuedBytes += upload.row.bytes
+    this.queue = [...uploads, ...this.queue]
   }
 
   private flush(): void {
     this.flushScheduled = false
     while (this.queue.length > 0 && this.inFlight < this.limits.maxStatementsInFlight) {
-      this.send(this.nextGroup())
+      const { group, left } = nextGroup(this.queue, this.runsInFlight, this.limits)
+      // Everything queued is held back behind a statement in flight; its end flushes again.
+      if (group.length === 0) break
+      this.queue = left
+      for (const upload of group) this.queuedBytes -= upload.row.bytes
+      this.send(group)
     }
+    if (this.queue.length > 0 && this.deadlineTimer === undefined) this.armDeadline()
   }
 
-  /** The next statement's uploads, in arrival order, at most one per run. */
-  private nextGroup(): Array<QueuedUpload> {
-    const group: Array<QueuedUpload> = []
-    const left: Array<QueuedUpload> = []
-    const runs = new Set<number>()
-    let bytes = 0
-    for (const upload of this.queue) {
-      const fits = group.length === 0 ||
-        (group.length < this.limits.maxRowsPerStatement && bytes + upload.row.bytes <= this.limits.maxBytesPerStatement)
-      if (fits && !runs.has(upload.row.runId)) {
-        group.push(upload)
-        runs.add(upload.row.runId)
-        bytes += upload.row.bytes
-      } else {
-        left.push(upload)
+  /** One timer for the whole queue, at its earliest deadline; unref'd, so it never keeps Node alive. */
+  private armDeadline(): void {
+    let earliest = Infinity
+    for (const upload of this.queue) earliest = Math.min(earliest, upload.deadline)
+    this.deadlineTimer = setTimeout(this.expireNow, Math.max(0, earliest - Date.now()))
+    this.deadlineTimer.unref()
+  }
+
+  private expire(): void {
+    this.deadlineTimer = undefined
+    const now = Date.now()
+    const expired = this.queue.filter((upload) => upload.deadline <= now)
+    if (expired.length > 0) {
+      this.queue = this.queue.filter((upload) => upload.deadline > now)
+      for (const upload of expired) {
+        this.queuedBytes -= upload.row.bytes
+        upload.done(queuedTooLong, undefined)
       }
     }
-    this.queue = left
-    return group
+    if (this.queue.length > 0) this.armDeadline()
   }
 
   private statement(rows: number): string {
@@ -194,36 +259,34 @@ export class UploadGroups {
 
   private send(group: Array<QueuedUpload>): void {
     this.inFlight++
+    for (const upload of group) this.runsInFlight.add(upload.row.runId)
     this.execute(group).then(
       (rows) => {
-        this.finished()
+        this.finished(group)
         if (group.length === 1) return group[0]!.done(undefined, rows[0]?.id)
         const stored = new Map<string, string>()
         for (const row of rows) stored.set(row.run_id, row.id)
         for (const upload of group) upload.done(undefined, stored.get(String(upload.row.runId)))
       },
       (cause: unknown) => {
-        this.finished()
         const error = DatabaseError.fromCause(operation, cause)
         if (group.length > 1 && oneRowCanBeToBlame(error.sqlState)) {
-          for (const upload of group) this.sendAlone(upload)
+          for (const upload of group) upload.alone = true
+          this.requeue(group)
+        } else if (abortedByAnotherWriter(error.sqlState) && group.every((upload) => !upload.retried)) {
+          for (const upload of group) upload.retried = true
+          this.requeue(group)
         } else {
           for (const upload of group) upload.done(error, undefined)
         }
+        this.finished(group)
       }
     )
   }
 
-  /** After a refused group: this row in its own statement, outside the in-flight bound (a rare path). */
-  private sendAlone(upload: QueuedUpload): void {
-    this.execute([upload]).then(
-      (rows) => upload.done(undefined, rows[0]?.id),
-      (cause: unknown) => upload.done(DatabaseError.fromCause(operation, cause), undefined)
-    )
-  }
-
-  private finished(): void {
+  private finished(group: ReadonlyArray<QueuedUpload>): void {
     this.inFlight--
+    for (const upload of group) this.runsInFlight.delete(upload.row.runId)
     if (this.queue.length > 0) this.flush()
   }
 }

@@ -3,6 +3,7 @@ import { assert, describe, layer } from "@effect/vitest"
 import { Effect, Exit, Scope } from "effect"
 import { maxEnqueueBodyBytes } from "../../src/http/adminHandlers.ts"
 import { maxUploadBodyBytes } from "../../src/http/snapshotHandlers.ts"
+import { Database } from "../../src/db/Database.ts"
 import { ConversationLocks } from "../../src/locks/ConversationLocks.ts"
 import { WorkerTokens } from "../../src/ownership/WorkerTokens.ts"
 import { adminToken, call, runWithToken, TestServer, testServerLayer } from "../support/httpHarness.ts"
@@ -126,6 +127,30 @@ layer(testServerLayer(), { excludeTestServices: true })("the HTTP service", (it)
         body: { ...body, payload: { text: "x".repeat(maxEnqueueBodyBytes) } }
       })
       assert.strictEqual(tooBig.status, 413)
+    }))
+
+  it.effect("POST /v1/runs refuses an integer beyond 2^53 with a 400 naming its field instead of storing it rounded", () =>
+    Effect.gen(function*() {
+      const { sql } = yield* Database
+      const count = Effect.promise(async () => (await sql<Array<{ n: number }>>`select count(*)::int as n from runs`)[0]!.n)
+      const before = yield* count
+      for (const [number, field] of [["12345678901234567891", "payload.order.id"], ["-9007199254740993", "payload.order.id"]]) {
+        const rawBody = `{"queue":"big","organizationId":"org","payload":{"order":{"id":${number}}}}`
+        const answer = yield* call("POST", "/v1/runs", { ...admin, rawBody })
+        assert.strictEqual(answer.status, 400, `${number}: ${answer.text}`)
+        assert.strictEqual((answer.json as { field: string }).field, field)
+        assert.match((answer.json as { error: string }).error, /2\^53/)
+      }
+      assert.strictEqual(yield* count, before)
+      // The largest exact integer and ordinary fractions are stored as sent.
+      const exact = yield* call("POST", "/v1/runs", {
+        ...admin,
+        rawBody: `{"queue":"big","organizationId":"org","payload":{"id":9007199254740991,"ratio":0.1}}`
+      })
+      assert.strictEqual(exact.status, 200)
+      const [stored] = yield* Effect.promise(() =>
+        sql<Array<{ text: string }>>`select action_input::text as text from runs where id = ${(exact.json as { id: number }).id}`)
+      assert.strictEqual(stored!.text, `{"id": 9007199254740991, "ratio": 0.1}`)
     }))
 
   it.effect("admin routes need the admin bearer token", () =>

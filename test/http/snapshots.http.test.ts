@@ -58,6 +58,24 @@ layer(testServerLayer(), { excludeTestServices: true })("snapshot routes over HT
       assert.isTrue(Buffer.from(latest.text, "utf8").equals(Buffer.from(big, "utf8")))
     }))
 
+  it.effect("a snapshot within 4 MiB is accepted however its JSON is escaped: \\uXXXX Cyrillic (3x) and control characters (6x)", () =>
+    Effect.gen(function*() {
+      // Python's json.dumps default (ensure_ascii) escapes every non-ASCII character as \uXXXX.
+      const asciiOnly = (value: unknown) =>
+        JSON.stringify(value).replace(/[\u007f-\uffff]/g, (c) => `\\u${c.charCodeAt(0).toString(16).padStart(4, "0")}`)
+      const cyrillic = jsonl({ type: "message", text: "Привет, мир! ".repeat(150_000) })
+      assert.isAbove(Buffer.byteLength(cyrillic), 3 * 1024 * 1024)
+      const worst = "\u0001".repeat(maxSnapshotBytes)
+      for (const [name, snapshotJsonl] of [["3 MiB of Cyrillic", cyrillic], ["4 MiB of U+0001", worst]] as const) {
+        const { runId, token } = yield* runWithToken(scopeOf(`c-escaped-${name.length}`))
+        const rawBody = asciiOnly({ runId, terminalStatus: "completed", snapshotJsonl })
+        assert.isAbove(Buffer.byteLength(rawBody), 2 * maxSnapshotBytes, name)
+        const answer = yield* call("POST", path, { token, rawBody })
+        assert.strictEqual(answer.status, 200, `${name}: ${answer.text}`)
+        assert.isTrue((yield* call("GET", path, { token })).text === snapshotJsonl, name)
+      }
+    }))
+
   it.effect("GET serves the newest completed snapshot, never a newer failed one; 404 when only failed ones exist", () =>
     Effect.gen(function*() {
       const scope = scopeOf("c-newest")

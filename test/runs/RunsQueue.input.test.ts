@@ -31,6 +31,8 @@ const badInputs: ReadonlyArray<readonly [string, unknown, string]> = [
   ["payload holds a BigInt", { ...base, payload: { n: 10n } }, "payload.n"],
   ["payload holds NaN", { ...base, payload: { list: [1, Number.NaN] } }, "payload.list[1]"],
   ["payload holds Infinity", { ...base, payload: { x: Number.POSITIVE_INFINITY } }, "payload.x"],
+  ["payload holds an integer beyond 2^53", { ...base, payload: { n: [2 ** 53] } }, "payload.n[0]"],
+  ["payload holds a number below -(2^53)", { ...base, payload: { n: -1e300 } }, "payload.n"],
   ["payload holds a symbol", { ...base, payload: { s: Symbol("s") } }, "payload.s"],
   ["payload has a symbol key", { ...base, payload: { [Symbol("k")]: 1 } }, "payload"],
   ["payload has an array hole", { ...base, payload: { holes: [1, , 3] } }, "payload.holes[1]"],
@@ -76,6 +78,7 @@ const propertyRuns = 200
 const unstorable = /\u0000|[\uD800-\uDBFF](?![\uDC00-\uDFFF])|(?<![\uD800-\uDBFF])[\uDC00-\uDFFF]/
 const storable = (value: unknown): boolean => {
   if (typeof value === "string") return !unstorable.test(value)
+  if (typeof value === "number") return Math.abs(value) <= Number.MAX_SAFE_INTEGER
   if (Array.isArray(value)) return value.every(storable)
   if (typeof value === "object" && value !== null) {
     return Object.entries(value).every(([key, item]) => !unstorable.test(key) && storable(item))
@@ -97,7 +100,7 @@ layer(TestLayer, { excludeTestServices: true })("RunsQueue input validation", (i
       }))
   }
 
-  it.effect("any JSON object round-trips exactly and is stored as a jsonb object; unstorable text is refused", () =>
+  it.effect("any JSON object round-trips exactly and is stored as a jsonb object; unstorable text and numbers beyond 2^53 are refused", () =>
     Effect.gen(function*() {
       const queue = yield* RunsQueue
       const { use } = yield* Database

@@ -1,82 +1,21 @@
 import postgres from "postgres"
-import { afterAll, beforeAll, describe, expect, it } from "vitest"
+import { describe, expect, it } from "vitest"
 import type { DatabaseError } from "../../src/db/DatabaseError.ts"
-import { defaultUploadGroupLimits, type UploadGroupLimits, UploadGroups, type UploadRow } from "../../src/snapshots/uploadGroups.ts"
-import { createDatabase, dropDatabase, type TestDatabaseHandle } from "../support/testDatabase.ts"
+import { UploadGroups } from "../../src/snapshots/uploadGroups.ts"
+import { type Answer, limits, row, scope, upload, uploadGroupsDatabase, waitUntil } from "../support/uploadGroupsHarness.ts"
 
-let database: TestDatabaseHandle
-let sql: postgres.Sql
-/** Upload statements the pool has sent, counted by postgres.js's debug hook. */
-let uploadStatements = 0
-
-beforeAll(async () => {
-  database = await createDatabase({ migrated: true })
-  sql = postgres(database.url, {
-    max: 6,
-    onnotice: () => {},
-    debug: (_connection, query) => {
-      if (query.startsWith("insert into agent_transcript_snapshots")) uploadStatements++
-    }
-  })
-})
-
-afterAll(async () => {
-  await sql.end({ timeout: 5 })
-  await dropDatabase(database.name)
-})
-
-const scope = { organizationId: "org-g", agentId: "agent-g", conversationId: "conv-g" }
-
-const newRuns = async (count: number, owner = scope): Promise<Array<number>> => {
-  const rows = await sql<Array<{ id: string }>>`
-    insert into runs (queue, organization_id, agent_id, conversation_id, action_input)
-    select 'q', ${owner.organizationId}, ${owner.agentId}, ${owner.conversationId}, '{}'::jsonb
-      from generate_series(1, ${count})
-    returning id::text`
-  return rows.map((row) => Number(row.id))
-}
-
-const row = (runId: number, text = `{"run":${runId}}\n`, owner = scope): UploadRow => ({
-  runId,
-  ...owner,
-  snapshotJsonl: text,
-  bytes: Buffer.byteLength(text),
-  terminalStatus: "completed"
-})
-
-interface Answer {
-  readonly error: DatabaseError | undefined
-  readonly id: string | undefined
-}
-
-const upload = (groups: UploadGroups, given: UploadRow): Promise<Answer> =>
-  new Promise((resolve) => groups.submit(given, (error, id) => resolve({ error, id })))
-
-const storedRuns = async (runIds: ReadonlyArray<number>) =>
-  (await sql<Array<{ run_id: string }>>`
-    select run_id::text from agent_transcript_snapshots where run_id in ${sql(runIds)} order by run_id`)
-    .map((stored) => Number(stored.run_id))
-
-const limits = (overrides: Partial<UploadGroupLimits>): UploadGroupLimits => ({ ...defaultUploadGroupLimits, ...overrides })
-
-const waitUntil = async (condition: () => Promise<boolean>, what: string) => {
-  const deadline = Date.now() + 10_000
-  while (!(await condition())) {
-    if (Date.now() > deadline) throw new Error(`timed out waiting until ${what}`)
-    await new Promise((resolve) => setTimeout(resolve, 10))
-  }
-}
+const { newRuns, sql: db, storedRuns, uploadStatements: sent, url } = uploadGroupsDatabase({ max: 6 })
 
 describe("UploadGroups", () => {
   it("sends uploads submitted together as one statement and answers each its own snapshot id", async () => {
-    const groups = new UploadGroups(sql)
+    const groups = new UploadGroups(db())
     const runIds = await newRuns(10)
-    const before = uploadStatements
+    const before = sent()
     const answers = await Promise.all(runIds.map((runId) => upload(groups, row(runId))))
-    expect(uploadStatements - before).toBe(1)
+    expect(sent() - before).toBe(1)
     expect(answers.every((answer) => answer.error === undefined && answer.id !== undefined)).toBe(true)
-    const stored = await sql<Array<{ id: string; run_id: string; snapshot_jsonl: string }>>`
-      select id::text, run_id::text, snapshot_jsonl from agent_transcript_snapshots where run_id in ${sql(runIds)}`
+    const stored = await db()<Array<{ id: string; run_id: string; snapshot_jsonl: string }>>`
+      select id::text, run_id::text, snapshot_jsonl from agent_transcript_snapshots where run_id in ${db()(runIds)}`
     expect(stored).toHaveLength(10)
     for (const [index, runId] of runIds.entries()) {
       const mine = stored.find((candidate) => candidate.id === answers[index]!.id)
@@ -86,7 +25,7 @@ describe("UploadGroups", () => {
   })
 
   it("stores nothing for a row whose run is another scope's, and still stores the rest of its statement", async () => {
-    const groups = new UploadGroups(sql)
+    const groups = new UploadGroups(db())
     const [mine, alsoMine] = await newRuns(2)
     const [theirs] = await newRuns(1, { ...scope, organizationId: "org-other" })
     const answers = await Promise.all([upload(groups, row(mine!)), upload(groups, row(theirs!)), upload(groups, row(alsoMine!))])
@@ -96,37 +35,37 @@ describe("UploadGroups", () => {
   })
 
   it("never puts two uploads for one run in the same statement: one writer wins, the other stores nothing", async () => {
-    const groups = new UploadGroups(sql)
+    const groups = new UploadGroups(db())
     const [runId] = await newRuns(1)
-    const before = uploadStatements
+    const before = sent()
     const [first, second] = await Promise.all([upload(groups, row(runId!, "first\n")), upload(groups, row(runId!, "second\n"))])
-    expect(uploadStatements - before).toBe(2)
+    expect(sent() - before).toBe(2)
     // Both statements may run at once; whichever commits first wins, and only that one gets an id.
     const winners = [first!, second!].filter((answer) => answer.id !== undefined)
     expect(winners).toHaveLength(1)
     expect([first, second].every((answer) => answer!.error === undefined)).toBe(true)
-    const stored = await sql`select id::text, snapshot_jsonl from agent_transcript_snapshots where run_id = ${runId!}`
+    const stored = await db()`select id::text, snapshot_jsonl from agent_transcript_snapshots where run_id = ${runId!}`
     expect(stored).toHaveLength(1)
     expect(stored[0]!["id"]).toBe(winners[0]!.id)
     expect(stored[0]!["snapshot_jsonl"]).toBe(winners[0] === first ? "first\n" : "second\n")
   })
 
   it("when PostgreSQL refuses a grouped statement, fails only the bad row and stores the others", async () => {
-    const groups = new UploadGroups(sql)
+    const groups = new UploadGroups(db())
     const runIds = await newRuns(4)
     // byte_size must be >= 0 (a CHECK constraint): this row makes the grouped statement fail.
     const bad = { ...row(runIds[2]!), bytes: -1 }
-    const before = uploadStatements
+    const before = sent()
     const answers = await Promise.all(runIds.map((runId, index) => upload(groups, index === 2 ? bad : row(runId))))
-    expect(uploadStatements - before).toBe(1 + 4)
-    expect(answers[2]!.error?.sqlState).toBe("23514")
+    expect(sent() - before).toBe(1 + 4)
+    expect((answers[2]!.error as DatabaseError | undefined)?.sqlState).toBe("23514")
     expect(answers.filter((answer) => answer.error === undefined && answer.id !== undefined)).toHaveLength(3)
     expect(await storedRuns(runIds)).toEqual(runIds.filter((_, index) => index !== 2))
   })
 
   it("when a grouped statement fails for another reason (here a statement timeout), fails every upload of it once, without retrying row by row", async () => {
     let statements = 0
-    const impatient = postgres(database.url, {
+    const impatient = postgres(url(), {
       max: 2,
       onnotice: () => {},
       connection: { statement_timeout: 200 },
@@ -134,7 +73,7 @@ describe("UploadGroups", () => {
         if (query.startsWith("insert into agent_transcript_snapshots")) statements++
       }
     })
-    const blocker = await sql.reserve()
+    const blocker = await db().reserve()
     try {
       const groups = new UploadGroups(impatient)
       const runIds = await newRuns(3)
@@ -143,8 +82,9 @@ describe("UploadGroups", () => {
       const answers = await Promise.all(runIds.map((runId) => upload(groups, row(runId))))
       await blocker`commit`
       expect(statements).toBe(1)
-      expect(answers.map((answer) => answer.error?.sqlState)).toEqual(["57014", "57014", "57014"])
-      expect(answers.every((answer) => answer.error?.retryable === true && answer.id === undefined)).toBe(true)
+      const errors = answers.map((answer) => answer.error as DatabaseError | undefined)
+      expect(errors.map((error) => error?.sqlState)).toEqual(["57014", "57014", "57014"])
+      expect(errors.every((error) => error?.retryable === true) && answers.every((answer) => answer.id === undefined)).toBe(true)
       expect(await storedRuns(runIds)).toEqual([])
     } finally {
       blocker.release()
@@ -153,50 +93,50 @@ describe("UploadGroups", () => {
   })
 
   it("keeps to the row and byte bounds of a statement; a snapshot larger than the byte bound goes alone", async () => {
-    const groups = new UploadGroups(sql, limits({ maxStatementsInFlight: 1, maxRowsPerStatement: 3, maxBytesPerStatement: 1_000 }))
+    const groups = new UploadGroups(db(), limits({ maxStatementsInFlight: 1, maxRowsPerStatement: 3, maxBytesPerStatement: 1_000 }))
     const runIds = await newRuns(7)
-    let before = uploadStatements
+    let before = sent()
     await Promise.all(runIds.map((runId) => upload(groups, row(runId))))
-    expect(uploadStatements - before).toBe(3) // 3 + 3 + 1
+    expect(sent() - before).toBe(3) // 3 + 3 + 1
     expect(await storedRuns(runIds)).toEqual(runIds)
 
     const [big, small1, small2] = await newRuns(3)
-    before = uploadStatements
+    before = sent()
     const answers = await Promise.all([
       upload(groups, row(big!, "x".repeat(5_000) + "\n")),
       upload(groups, row(small1!)),
       upload(groups, row(small2!))
     ])
-    expect(uploadStatements - before).toBe(2) // the big one alone, then the two small ones
+    expect(sent() - before).toBe(2) // the big one alone, then the two small ones
     expect(answers.every((answer) => answer.id !== undefined)).toBe(true)
   })
 
   it("runs at most maxStatementsInFlight statements; the rest wait and then leave together", async () => {
-    const groups = new UploadGroups(sql, limits({ maxStatementsInFlight: 2 }))
+    const groups = new UploadGroups(db(), limits({ maxStatementsInFlight: 2 }))
     const runIds = await newRuns(5)
-    const blocker = await sql.reserve()
+    const blocker = await db().reserve()
     try {
       await blocker`begin`
       await blocker`lock table agent_transcript_snapshots in exclusive mode`
-      const before = uploadStatements
+      const before = sent()
       const answers: Array<Promise<Answer>> = []
       for (const runId of runIds) {
         answers.push(upload(groups, row(runId)))
         await new Promise((resolve) => setImmediate(resolve)) // separate ticks: no grouping by arrival
       }
       await waitUntil(async () => {
-        const [waiting] = await sql<Array<{ count: number }>>`
+        const [waiting] = await db()<Array<{ count: number }>>`
           select count(*)::int as count from pg_stat_activity
            where datname = current_database() and wait_event_type = 'Lock'
              and query like 'insert into agent_transcript_snapshots%'`
         return waiting!.count === 2
       }, "two upload statements wait on the lock")
       expect(groups.queued).toBe(3)
-      expect(uploadStatements - before).toBe(2)
+      expect(sent() - before).toBe(2)
       await blocker`commit`
       const settled = await Promise.all(answers)
       expect(settled.every((answer) => answer.error === undefined && answer.id !== undefined)).toBe(true)
-      expect(uploadStatements - before).toBe(3)
+      expect(sent() - before).toBe(3)
       expect(groups.queued).toBe(0)
     } finally {
       blocker.release()
@@ -204,14 +144,14 @@ describe("UploadGroups", () => {
   })
 
   it("withdraws an upload still queued: it is never stored and never answered", async () => {
-    const groups = new UploadGroups(sql)
+    const groups = new UploadGroups(db())
     const [kept, withdrawn] = await newRuns(2)
     let answered = false
     const keptAnswer = upload(groups, row(kept!))
     const queued = groups.submit(row(withdrawn!), () => {
       answered = true
     })
-    groups.withdraw(queued)
+    groups.withdraw(queued!)
     expect((await keptAnswer).id).toBeDefined()
     expect(answered).toBe(false)
     expect(await storedRuns([kept!, withdrawn!])).toEqual([kept])

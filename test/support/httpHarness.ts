@@ -42,13 +42,23 @@ const testServerAddress = Layer.effect(
   })
 )
 
-/** The real server on port 0, with the admin routes on unless `adminToken` is null. */
-export const testServerLayer = (options: { readonly adminToken?: string | null; readonly lockCap?: number } = {}) => {
+/**
+ * The real server on port 0, with the admin routes on unless `adminToken` is null; `env` is the rest
+ * of the environment the services read (e.g. RUNLANE_UPLOAD_QUEUE_MAX).
+ */
+export const testServerLayer = (
+  options: {
+    readonly adminToken?: string | null
+    readonly lockCap?: number
+    readonly env?: Record<string, string>
+  } = {}
+) => {
   const admin = options.adminToken === undefined ? adminToken : options.adminToken
+  const env = { ...options.env, ...(admin === null ? {} : { RUNLANE_ADMIN_TOKEN: admin }) }
   return testServerAddress.pipe(
     Layer.provideMerge(httpServerLayer({ port: 0, host: "127.0.0.1" })),
     Layer.provideMerge(routeServicesLayer(options.lockCap === undefined ? {} : { lockCap: options.lockCap })),
-    Layer.provide(ConfigProvider.layer(ConfigProvider.fromEnvRecord(admin === null ? {} : { RUNLANE_ADMIN_TOKEN: admin })))
+    Layer.provide(ConfigProvider.layer(ConfigProvider.fromEnvRecord(env)))
   )
 }
 
