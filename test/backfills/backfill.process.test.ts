@@ -73,7 +73,7 @@ describe("npm run db:backfill", () => {
           assert.deepStrictEqual(done, { rows_done: rowCount, rows_changed: rowCount - rowCount / 3 })
           const twice = yield* Effect.promise(() =>
             client`select run_id from run_updates group by run_id having count(*) > 1`)
-          assert.deepStrictEqual(twice, [])
+          assert.strictEqual(twice.length, 0)
           const [updated] = yield* Effect.promise(() => client`select count(*)::int as n from run_updates`)
           assert.strictEqual(updated!["n"], rowCount - rowCount / 3)
           const [wrong] = yield* Effect.promise(() =>
