@@ -44,6 +44,23 @@ export const backfillDefinitions: ReadonlyArray<BackfillDefinition> = [runsLegac
  */
 export const requiredBackfills: ReadonlyArray<string> = [runsLegacyScope.name]
 
+/**
+ * Names of required backfills that still have rows to do and have not finished. A plain function over
+ * the pool so readiness can ask through the Migrator (the database is ready when both its schema and its
+ * data are where the code needs them) without one more service behind the HTTP layer.
+ */
+export const unfinishedBackfills = async (sql: postgres.Sql): Promise<ReadonlyArray<string>> => {
+  const names: Array<string> = []
+  for (const name of requiredBackfills) {
+    const definition = backfillDefinitions.find((candidate) => candidate.name === name)!
+    const [row] = await sql<Array<CheckpointRow>>`
+      select last_id::text, finished_at from runlane_backfills where name = ${name}`
+    if (row?.finished_at != null) continue
+    if (await definition.needed(sql)) names.push(name)
+  }
+  return names
+}
+
 export class UnknownBackfill extends Schema.TaggedError<UnknownBackfill>()("UnknownBackfill", {
   name: Schema.String,
   message: Schema.String
@@ -145,16 +162,9 @@ export class Backfills extends Context.Service<Backfills, {
         return { name, done, changed, skipped: done - changed, lastId, finished: true }
       })
 
-      const unfinished = Effect.gen(function*() {
-        const names: Array<string> = []
-        for (const name of requiredBackfills) {
-          const definition = backfillDefinitions.find((candidate) => candidate.name === name)!
-          const [row] = yield* checkpoint(name)
-          if (row?.finished_at != null) continue
-          if (yield* database.use("Backfills.needed", definition.needed)) names.push(name)
-        }
-        return names
-      }).pipe(Effect.withSpan("Backfills.unfinished"))
+      const unfinished = database.use("Backfills.unfinished", unfinishedBackfills).pipe(
+        Effect.withSpan("Backfills.unfinished")
+      )
 
       return Backfills.of({ run, unfinished })
     })

@@ -19,6 +19,7 @@ import { hostname } from "node:os"
 import { fileURLToPath } from "node:url"
 import { Config, Context, Effect, Layer, Redacted, Schema } from "effect"
 import postgres from "postgres"
+import { unfinishedBackfills as unfinishedRequiredBackfills } from "../backfills/Backfills.ts"
 import { Database } from "./Database.ts"
 import { DatabaseError } from "./DatabaseError.ts"
 import * as MigrationFiles from "./migrationFiles.ts"
@@ -126,7 +127,11 @@ const make = (options: MigratorOptions) =>
       (client) => Effect.promise(() => client.end({ timeout: 5 }))
     ).pipe(Effect.withSpan("Migrator.migrate"))
 
-    return Migrator.of({ migrate, status })
+    const unfinishedBackfills = database.use("Migrator.unfinishedBackfills", unfinishedRequiredBackfills).pipe(
+      Effect.withSpan("Migrator.unfinishedBackfills")
+    )
+
+    return Migrator.of({ migrate, status, unfinishedBackfills })
   })
 
 export class Migrator extends Context.Service<Migrator, {
@@ -137,6 +142,11 @@ export class Migrator extends Context.Service<Migrator, {
   readonly migrate: Effect.Effect<MigrationReport, MigrationError | MigrationLockBusy | DatabaseError>
   /** Applied and pending migrations, read through the pool (serves the start-up gate and readiness). */
   readonly status: Effect.Effect<MigrationStatus, MigrationError | DatabaseError>
+  /**
+   * Required backfills (backfills/Backfills.ts) that have rows left and have not finished: readiness
+   * waits for them as it waits for migrations. Needs a migrated database.
+   */
+  readonly unfinishedBackfills: Effect.Effect<ReadonlyArray<string>, DatabaseError>
 }>()("runlane/Migrator") {
   /** The product's migrations, with limits from the environment (`migratorConfig`). */
   static readonly layer = Layer.effect(

@@ -48,6 +48,10 @@ export const HealthHandlers = HttpApiBuilder.group(
           if (status.pending.length > 0) {
             return yield* new Unavailable({ error: `${status.pending.length} migration(s) pending` })
           }
+          const backfills = yield* migrator.unfinishedBackfills
+          if (backfills.length > 0) {
+            return yield* new Unavailable({ error: `Backfill unfinished: npm run db:backfill -- ${backfills[0]}` })
+          }
           return { status: "ready" as const, migrationsApplied: status.applied.length }
         }).pipe(
           Effect.catchTags({

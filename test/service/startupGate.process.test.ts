@@ -1,0 +1,46 @@
+/**
+ * The start-up gate: with RUNLANE_MIGRATE=false the service refuses to start while a migration is
+ * pending and names it; by default it migrates and starts.
+ */
+import { afterAll, assert, beforeAll, describe, it } from "vitest"
+import { readJournal } from "../../src/db/Migrator.ts"
+import { exitWithin, mainEntry, startService } from "../support/serviceProcess.ts"
+import { createDatabase, dropDatabase, type TestDatabaseHandle } from "../support/testDatabase.ts"
+
+let database: TestDatabaseHandle
+
+beforeAll(async () => {
+  database = await createDatabase({ migrated: false })
+})
+afterAll(async () => {
+  await dropDatabase(database.name)
+})
+
+const env = (extra: Record<string, string> = {}) => ({
+  DATABASE_URL: database.url,
+  RUNLANE_TOKEN_SECRET: "a-process-test-secret-of-32-bytes-or-more",
+  PORT: "0",
+  ...extra
+})
+
+describe("the start-up gate", () => {
+  it("RUNLANE_MIGRATE=false refuses to start with migrations pending, naming them; the default migrates", async () => {
+    const refused = startService(mainEntry, env({ RUNLANE_MIGRATE: "false" }))
+    const exit = await exitWithin(refused, 60_000)
+    assert.notStrictEqual(exit.code, 0)
+    const tags = readJournal().map((entry) => entry.tag)
+    assert.include(refused.output(), `${tags.length} migration(s) pending: ${tags.join(", ")}`)
+    assert.notInclude(refused.output(), "runlane listening")
+
+    const migrating = startService(mainEntry, env())
+    await migrating.waitFor(/runlane listening on/, 60_000)
+    migrating.signal("SIGTERM")
+    assert.strictEqual((await exitWithin(migrating, 30_000)).code, 0, migrating.output())
+
+    const gated = startService(mainEntry, env({ RUNLANE_MIGRATE: "false" }))
+    await gated.waitFor(/none pending \(RUNLANE_MIGRATE=false\)/, 60_000)
+    await gated.waitFor(/runlane listening on/, 60_000)
+    gated.signal("SIGTERM")
+    assert.strictEqual((await exitWithin(gated, 30_000)).code, 0, gated.output())
+  }, 180_000)
+})
