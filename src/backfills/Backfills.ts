@@ -104,6 +104,11 @@ export class Backfills extends Context.Service<Backfills, {
     name: string,
     options?: Partial<BackfillOptions>
   ) => Effect.Effect<BackfillReport, UnknownBackfill | DatabaseError>
+  /** Runs a backfill defined by the caller (an application's own data change; the bench's). */
+  readonly runDefinition: (
+    definition: BackfillDefinition,
+    options?: Partial<BackfillOptions>
+  ) => Effect.Effect<BackfillReport, DatabaseError>
   /** Names of required backfills that still have rows to do and have not finished. */
   readonly unfinished: Effect.Effect<ReadonlyArray<string>, DatabaseError>
 }>()("runlane/Backfills") {
@@ -116,14 +121,11 @@ export class Backfills extends Context.Service<Backfills, {
         database.use("Backfills.checkpoint", (sql) =>
           sql<Array<CheckpointRow>>`select last_id::text, finished_at from runlane_backfills where name = ${name}`)
 
-      const run = Effect.fn("Backfills.run")(function*(name: string, given?: Partial<BackfillOptions>) {
-        const definition = backfillDefinitions.find((candidate) => candidate.name === name)
-        if (definition === undefined) {
-          return yield* new UnknownBackfill({
-            name,
-            message: `no backfill named "${name}"; known: ${backfillDefinitions.map((known) => known.name).join(", ")}`
-          })
-        }
+      const runDefinition = Effect.fn("Backfills.runDefinition")(function*(
+        definition: BackfillDefinition,
+        given?: Partial<BackfillOptions>
+      ) {
+        const name = definition.name
         const options = { ...backfillDefaults, ...given }
         yield* database.use("Backfills.start", (sql) =>
           sql`insert into runlane_backfills (name) values (${name}) on conflict (name) do nothing`)
@@ -162,11 +164,22 @@ export class Backfills extends Context.Service<Backfills, {
         return { name, done, changed, skipped: done - changed, lastId, finished: true }
       })
 
+      const run = (name: string, given?: Partial<BackfillOptions>) => {
+        const definition = backfillDefinitions.find((candidate) => candidate.name === name)
+        if (definition === undefined) {
+          return Effect.fail(new UnknownBackfill({
+            name,
+            message: `no backfill named "${name}"; known: ${backfillDefinitions.map((known) => known.name).join(", ")}`
+          }))
+        }
+        return runDefinition(definition, given)
+      }
+
       const unfinished = database.use("Backfills.unfinished", unfinishedBackfills).pipe(
         Effect.withSpan("Backfills.unfinished")
       )
 
-      return Backfills.of({ run, unfinished })
+      return Backfills.of({ run, runDefinition, unfinished })
     })
   )
 }
