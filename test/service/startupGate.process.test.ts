@@ -2,29 +2,18 @@
  * The start-up gate: with RUNLANE_MIGRATE=false the service refuses to start while a migration is
  * pending and names it; by default it migrates and starts.
  */
-import { afterAll, assert, beforeAll, describe, it } from "vitest"
+import { assert, describe, it } from "vitest"
 import { readJournal } from "../../src/db/Migrator.ts"
 import { exitWithin, mainEntry, startService } from "../support/serviceProcess.ts"
-import { createDatabase, dropDatabase, type TestDatabaseHandle } from "../support/testDatabase.ts"
+import { createDatabase, dropDatabase } from "../support/testDatabase.ts"
 
-let database: TestDatabaseHandle
-
-beforeAll(async () => {
-  database = await createDatabase({ migrated: false })
-})
-afterAll(async () => {
-  await dropDatabase(database.name)
-})
-
-const env = (extra: Record<string, string> = {}) => ({
-  DATABASE_URL: database.url,
-  RUNLANE_TOKEN_SECRET: "a-process-test-secret-of-32-bytes-or-more",
-  PORT: "0",
-  ...extra
-})
+const secret = "a-process-test-secret-of-32-bytes-or-more"
 
 describe("the start-up gate", () => {
   it("RUNLANE_MIGRATE=false refuses to start with migrations pending, naming them; the default migrates", async () => {
+    const database = await createDatabase({ migrated: false })
+    const env = (extra: Record<string, string> = {}) =>
+      ({ DATABASE_URL: database.url, RUNLANE_TOKEN_SECRET: secret, PORT: "0", ...extra })
     const refused = startService(mainEntry, env({ RUNLANE_MIGRATE: "false" }))
     const exit = await exitWithin(refused, 60_000)
     assert.notStrictEqual(exit.code, 0)
@@ -42,5 +31,6 @@ describe("the start-up gate", () => {
     await gated.waitFor(/runlane listening on/, 60_000)
     gated.signal("SIGTERM")
     assert.strictEqual((await exitWithin(gated, 30_000)).code, 0, gated.output())
+    await dropDatabase(database.name)
   }, 180_000)
 })
