@@ -149,6 +149,14 @@ const withLockRetry = <A, E>(
   return loop(1)
 }
 
+/** `pg_index.indisvalid` of the index, or undefined when there is no such index. */
+const indexValidity = (client: postgres.Sql, index: string) =>
+  Effect.map(
+    call("Migrator.indexValidity", () =>
+      client<Array<{ valid: boolean }>>`select indisvalid as valid from pg_index where indexrelid = to_regclass(${index})`),
+    (rows) => rows[0]?.valid
+  )
+
 /**
  * Drops the index a concurrent build left INVALID (interrupted, cancelled or timed out half way), so the
  * statement builds it again: an invalid index is never kept. `DROP INDEX CONCURRENTLY` takes no lock
@@ -156,10 +164,7 @@ const withLockRetry = <A, E>(
  */
 const dropInvalidIndex = (client: postgres.Sql, migration: string, index: string) =>
   Effect.gen(function*() {
-    const [row] = yield* call("Migrator.indexValidity", () =>
-      client<Array<{ valid: boolean }>>`
-        select i.indisvalid as valid from pg_index i where i.indexrelid = to_regclass(${index})`)
-    if (row === undefined || row.valid) return
+    if ((yield* indexValidity(client, index)) !== false) return
     yield* Effect.logWarning("Dropping an index left invalid by an interrupted concurrent build; rebuilding it").pipe(
       Effect.annotateLogs({ migration, index })
     )
@@ -168,10 +173,7 @@ const dropInvalidIndex = (client: postgres.Sql, migration: string, index: string
 
 const requireValidIndex = (client: postgres.Sql, migration: string, index: string) =>
   Effect.gen(function*() {
-    const [row] = yield* call("Migrator.indexValidity", () =>
-      client<Array<{ valid: boolean }>>`
-        select i.indisvalid as valid from pg_index i where i.indexrelid = to_regclass(${index})`)
-    if (row !== undefined && !row.valid) {
+    if ((yield* indexValidity(client, index)) === false) {
       return yield* new MigrationError({ migration, message: `index ${index} is still invalid after its build` })
     }
   })
