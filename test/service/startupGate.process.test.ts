@@ -10,13 +10,23 @@ import { createDatabase, dropDatabase } from "../support/testDatabase.ts"
 const secret = "a-process-test-secret-of-32-bytes-or-more"
 
 describe("the start-up gate", () => {
-  it("RUNLANE_MIGRATE=false refuses to start with migrations pending, naming them; the default migrates", async () => {
+  it("RUNLANE_MIGRATE=false refuses to start with migrations pending, naming them; bad settings are named; the default migrates", async () => {
     const database = await createDatabase({ migrated: false })
     const env = (extra: Record<string, string> = {}) =>
       ({ DATABASE_URL: database.url, RUNLANE_TOKEN_SECRET: secret, PORT: "0", ...extra })
     const refused = startService(mainEntry, env({ RUNLANE_MIGRATE: "false" }))
+    const badSettings = [
+      ["RUNLANE_MIGRATE", "perhaps"],
+      ["RUNLANE_MIGRATION_LOCK_TIMEOUT_MS", "0"],
+      ["RUNLANE_MIGRATION_ATTEMPTS", "many"]
+    ].map(([variable, value]) => ({ variable: variable!, service: startService(mainEntry, env({ [variable!]: value! })) }))
     const exit = await exitWithin(refused, 60_000)
     assert.notStrictEqual(exit.code, 0)
+    for (const { variable, service } of badSettings) {
+      assert.notStrictEqual((await exitWithin(service, 60_000)).code, 0, variable)
+      assert.include(service.output(), variable, service.output())
+      assert.notInclude(service.output(), "runlane listening")
+    }
     const tags = readJournal().map((entry) => entry.tag)
     assert.include(refused.output(), `${tags.length} migration(s) pending: ${tags.join(", ")}`)
     assert.notInclude(refused.output(), "runlane listening")
