@@ -8,7 +8,8 @@
  * - naive (the baseline): one transaction with ADD COLUMN, a plain CREATE INDEX and one UPDATE.
  * Each side gets a freshly loaded table. Reported: the longest wait of any insert and any verify while
  * the change ran, the longest time the change held a lock on runs that blocks writers (sampled from
- * pg_locks every 5 ms), and the rows per second of the fill.
+ * pg_locks every 5 ms), and the rows per second of the fill. RUNLANE_BENCH_MIGRATION_ROWS sets a smaller
+ * table for a quick try (defaults to 1,000,000, the figure docs/migrations.md reports).
  */
 import { cpSync, mkdtempSync, readFileSync, writeFileSync } from "node:fs"
 import { tmpdir } from "node:os"

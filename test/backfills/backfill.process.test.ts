@@ -59,6 +59,8 @@ describe("npm run db:backfill", () => {
           first.child.kill("SIGKILL")
           const killed = yield* Effect.promise(() => first.exited)
           assert.strictEqual(killed.signal, "SIGKILL")
+          // Not a terminal: a progress line a second on stderr, with rows done, the rate and the time left.
+          assert.match(first.output(), /\] +\d+% [\d,]+\/[\d,]+ rows +[\d,]+ rows\/s +\S+ left/, first.output())
           const [stopped] = yield* checkpoint()
           assert.isBelow(stopped!.rows_done, rowCount, "killed before the end")
           // Rows changed and the checkpoint moved together, batch by batch.
