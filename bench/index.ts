@@ -1,11 +1,13 @@
 /**
  * `npm run bench`: prints a table; `npm run bench -- --json` prints a JSON array of
  * `{ name, value, unit, baseline, ratio }` instead; `-- --only=runs`, `-- --only=locks` or `-- --only=http` runs one group.
+ * `-- --only=migrations` (a schema change on 1,000,000 runs under load, minutes long) runs only when asked.
  */
 import { Effect } from "effect"
 import { benchDatabase, printTable } from "./harness.ts"
 import { httpBenchmarks } from "./http.ts"
 import { lockBenchmarks } from "./locks.ts"
+import { migrationBenchmarks } from "./migrations.ts"
 import { runsBenchmarks } from "./runs.ts"
 
 const json = process.argv.includes("--json")
@@ -16,7 +18,8 @@ const program = Effect.gen(function*() {
   const results = [
     ...(only === undefined || only === "runs" ? yield* runsBenchmarks(url) : []),
     ...(only === undefined || only === "locks" ? yield* lockBenchmarks(url) : []),
-    ...(only === undefined || only === "http" ? yield* httpBenchmarks(url) : [])
+    ...(only === undefined || only === "http" ? yield* httpBenchmarks(url) : []),
+    ...(only === "migrations" ? yield* migrationBenchmarks(url) : [])
   ]
   if (json) {
     process.stdout.write(`${JSON.stringify(results.map(({ name, value, unit, baseline, ratio }) => ({ name, value, unit, baseline, ratio })), null, 2)}\n`)

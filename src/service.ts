@@ -42,9 +42,32 @@ export class ServiceConfigError extends Schema.TaggedError<ServiceConfigError>()
   message: Schema.String
 }) {}
 
-/** Applies pending migrations before anything else uses the database. */
+/** The service refused to start because the database is behind the code. */
+export class MigrationsPending extends Schema.TaggedError<MigrationsPending>()("MigrationsPending", {
+  pending: Schema.Array(Schema.String),
+  message: Schema.String
+}) {}
+
+/**
+ * The start-up gate. `RUNLANE_MIGRATE` (defaults to true): apply pending migrations before anything
+ * else uses the database. false (deployments that migrate in a separate step): refuse to start while a
+ * migration is pending, naming it.
+ */
 const migrated = Layer.effectDiscard(Effect.gen(function*() {
-  const report = yield* (yield* Migrator).migrate
+  const migrator = yield* Migrator
+  if (!(yield* Config.Boolean("RUNLANE_MIGRATE").pipe(Config.withDefault(true)))) {
+    const status = yield* migrator.status
+    if (status.pending.length > 0) {
+      return yield* new MigrationsPending({
+        pending: status.pending,
+        message: `${status.pending.length} migration(s) pending: ${status.pending.join(", ")}; ` +
+          "run npm run db:migrate, or start without RUNLANE_MIGRATE=false"
+      })
+    }
+    yield* Effect.logInfo(`Migrations: ${status.applied.length} applied, none pending (RUNLANE_MIGRATE=false)`)
+    return
+  }
+  const report = yield* migrator.migrate
   yield* Effect.logInfo(
     `Migrations: ${report.status.applied.length} applied (${report.appliedNow.length} just now), ` +
       `${report.status.pending.length} pending`

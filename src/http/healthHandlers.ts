@@ -45,6 +45,13 @@ export const HealthHandlers = HttpApiBuilder.group(
           if (Option.isNone(status)) return yield* notAnswering
           const pending = status.value.pending.length
           if (pending > 0) return yield* new Unavailable({ error: `${pending} migration(s) pending` })
+          const backfills = yield* budget.run(migrator.unfinishedBackfills, readyDatabaseTimeoutMs)
+          if (Option.isNone(backfills)) return yield* notAnswering
+          if (backfills.value.length > 0) {
+            // The name goes to the log only, like migration names: anonymous callers get the reason.
+            yield* Effect.logWarning("readiness: a required backfill is unfinished", { backfills: backfills.value })
+            return yield* new Unavailable({ error: "Backfill unfinished" })
+          }
           return { status: "ready" as const, migrationsApplied: status.value.applied.length }
         }).pipe(
           Effect.catchTags({

@@ -1,10 +1,13 @@
 /**
  * RunOwnership: does this run belong to this (organization, agent, conversation)?
  *
- * One primary-key lookup. The scope columns written by `RunsQueue.send` decide; a row written without
- * them (an older writer, a deploy crossover) falls back to the `agentId` / `conversationId` keys inside
- * `action_input`, which older writers sometimes stored as a JSON string holding the object. The
- * comparison is exact string equality: no trimming, no case folding, no Unicode normalisation.
+ * One primary-key lookup. The scope columns written by `RunsQueue.send` decide, and for a run created by
+ * runlane they alone decide: an omitted agent or conversation stays absent, whatever the payload says
+ * (the payload is the producer's, not a scope). Only a row marked `legacy_scope` (written by an older
+ * writer, which the database marks by default; see schema/runs.ts) falls back, where a column is NULL, to
+ * the `agentId` / `conversationId` keys inside `action_input`, which older writers sometimes stored as a
+ * JSON string holding the object. The comparison is exact string equality: no trimming, no case
+ * folding, no Unicode normalisation.
  */
 import { Context, Effect, Layer, Option, Predicate } from "effect"
 import { Database } from "../db/Database.ts"
@@ -16,11 +19,13 @@ export interface RunScope {
   readonly conversationId: string
 }
 
-interface ScopeRow {
+export interface ScopeRow {
   readonly organization_id: string
   readonly agent_id: string | null
   readonly conversation_id: string | null
-  /** Only read when a scope column is missing. */
+  /** true for a row written by an older writer: only such a row may take its scope from action_input. */
+  readonly legacy_scope: boolean
+  /** Only read when the row is legacy and a scope column is missing. */
   readonly action_input: unknown
 }
 
@@ -48,9 +53,15 @@ export interface StoredRunScope {
   readonly conversationId: string | undefined
 }
 
-/** Pure: the row's scope, from the typed columns or, where one is missing, the legacy `action_input`. */
+/**
+ * Pure: the row's scope, from the typed columns or, for a legacy row only and where a column is
+ * missing, from `action_input`. The backfill (backfills/runsLegacyScope.ts) uses it too, so a legacy
+ * row's scope is the same before and after it is backfilled.
+ */
 export const scopeOfRow = (row: ScopeRow): StoredRunScope => {
-  const legacy = row.agent_id === null || row.conversation_id === null ? legacyObject(row.action_input) : undefined
+  const legacy = row.legacy_scope && (row.agent_id === null || row.conversation_id === null)
+    ? legacyObject(row.action_input)
+    : undefined
   const fromLegacy = (key: string): string | undefined => {
     const value = legacy?.[key]
     return Predicate.isString(value) ? value : undefined
@@ -86,8 +97,9 @@ export class RunOwnership extends Context.Service<RunOwnership, {
         Effect.map(
           database.use(operation, (sql) =>
             sql<Array<ScopeRow>>`
-              select organization_id, agent_id, conversation_id,
-                     case when agent_id is null or conversation_id is null then action_input end as action_input
+              select organization_id, agent_id, conversation_id, legacy_scope,
+                     case when legacy_scope and (agent_id is null or conversation_id is null)
+                          then action_input end as action_input
                 from runs
                where id = ${runId}`),
           (rows) => rows[0]

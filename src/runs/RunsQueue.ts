@@ -74,8 +74,9 @@ const optionalColumns = [
  * ON CONFLICT clause is left out. Answers no row when the key matched; `insertBatch` then resolves it.
  */
 const insertOne = (client: Client, run: RunRecord) => {
-  const columns = ["organization_id", "agent_id", "conversation_id", "queue", "action_input"]
-  const values = ["$1", "$2", "$3", "$4", "$5::text::jsonb"]
+  // legacy_scope is written false by every runlane insert: its scope is its columns (schema/runs.ts).
+  const columns = ["organization_id", "agent_id", "conversation_id", "queue", "action_input", "legacy_scope"]
+  const values = ["$1", "$2", "$3", "$4", "$5::text::jsonb", "false"]
   const parameters: Array<string | number | null> = [
     run.organization_id,
     run.agent_id,
@@ -130,10 +131,10 @@ const insertBatchWithoutKeys = (client: Client, runs: ReadonlyArray<RunRecord>) 
   client<Array<{ id: string }>>`
     with inserted as (
       insert into runs (organization_id, agent_id, conversation_id, queue, action_input, priority,
-                        run_at, expires_at, max_attempts, retry_delay_seconds)
+                        run_at, expires_at, max_attempts, retry_delay_seconds, legacy_scope)
       select organization_id, agent_id, conversation_id, queue, action_input, priority,
              coalesce(run_at, now() + coalesce(delay_ms, 0) * interval '1 millisecond'),
-             expires_at, max_attempts, retry_delay_seconds
+             expires_at, max_attempts, retry_delay_seconds, false
         from ${unnestRuns(client, runs)}
       returning id, queue
     ),
@@ -153,10 +154,10 @@ const insertBatch = (client: Client, runs: ReadonlyArray<RunRecord>) =>
     ),
     inserted as (
       insert into runs (id, organization_id, agent_id, conversation_id, queue, action_input, priority,
-                        run_at, expires_at, max_attempts, retry_delay_seconds, idempotency_key)
+                        run_at, expires_at, max_attempts, retry_delay_seconds, idempotency_key, legacy_scope)
       select id, organization_id, agent_id, conversation_id, queue, action_input, priority,
              coalesce(run_at, now() + coalesce(delay_ms, 0) * interval '1 millisecond'),
-             expires_at, max_attempts, retry_delay_seconds, idempotency_key
+             expires_at, max_attempts, retry_delay_seconds, idempotency_key, false
         from input
        order by ord
       on conflict (organization_id, idempotency_key)

@@ -4,9 +4,16 @@
  * A run moves pending -> claimed -> completed | failed | cancelled (a retry moves it from claimed back
  * to pending). The scope columns (organization_id, agent_id, conversation_id) are written on insert,
  * so ownership checks and per-conversation queries never have to look inside `action_input`.
+ *
+ * `legacy_scope` marks rows written by an older writer, which may hold their scope only in
+ * `action_input`. The database defaults it to true; runlane's own inserts always write false, so a run
+ * created by runlane gets its scope from its columns alone. `npm run db:backfill -- runs_legacy_scope`
+ * copies a legacy row's scope into its columns and clears the mark. Its partial index
+ * `runs_legacy_scope_idx (id) WHERE legacy_scope` is built CONCURRENTLY by the custom migration
+ * 0002_runs_legacy_scope_index, so it is not declared here (drizzle-kit would build it in a transaction).
  */
 import { sql } from "drizzle-orm"
-import { bigint, check, index, integer, jsonb, pgTable, text, timestamp, uniqueIndex } from "drizzle-orm/pg-core"
+import { bigint, boolean, check, index, integer, jsonb, pgTable, text, timestamp, uniqueIndex } from "drizzle-orm/pg-core"
 
 export const runStatuses = ["pending", "claimed", "completed", "failed", "cancelled"] as const
 export type RunStatus = (typeof runStatuses)[number]
@@ -24,6 +31,8 @@ export const runs = pgTable(
     organizationId: text("organization_id").notNull(),
     agentId: text("agent_id"),
     conversationId: text("conversation_id"),
+    // A constant default is metadata-only in PostgreSQL >= 11: adding it never rewrites the table.
+    legacyScope: boolean("legacy_scope").notNull().default(true),
     queue: text("queue").notNull(),
     status: text("status", { enum: runStatuses }).notNull().default("pending"),
     actionInput: jsonb("action_input").$type<JsonObject>().notNull(),

@@ -189,6 +189,23 @@ layer(testServerLayer(), { excludeTestServices: true })("the HTTP service", (it)
       assert.strictEqual((yield* call("POST", `/v1/runs/${orphan}/token`, admin)).status, 409)
     }))
 
+  it.effect("a run enqueued without a conversation gets no token, whatever its payload says (409)", () =>
+    Effect.gen(function*() {
+      const victim = yield* runWithToken({ organizationId: "org", agentId: "agent", conversationId: "conv-victim" })
+      const first = yield* call("POST", "/worker/transcript/snapshot", {
+        token: victim.token,
+        body: { runId: victim.runId, terminalStatus: "completed", snapshotJsonl: "the victim's transcript\n" }
+      })
+      assert.strictEqual(first.status, 200)
+      const sent = yield* call("POST", "/v1/runs", {
+        ...admin,
+        body: { queue: "q", organizationId: "org", agentId: "agent", payload: { conversationId: "conv-victim" } }
+      })
+      assert.strictEqual(sent.status, 200)
+      const minted = yield* call("POST", `/v1/runs/${(sent.json as { id: number }).id}/token`, admin)
+      assert.strictEqual(minted.status, 409)
+    }))
+
   it.effect("an upload over the body limit is refused with 413 before the body is read", () =>
     Effect.gen(function*() {
       const { port } = yield* TestServer

@@ -1,5 +1,5 @@
 import { assert, layer } from "@effect/vitest"
-import { Effect, Layer } from "effect"
+import { Effect, Layer, Option } from "effect"
 import fc from "fast-check"
 import { Database } from "../../src/db/Database.ts"
 import { RunOwnership, type RunScope } from "../../src/ownership/RunOwnership.ts"
@@ -63,6 +63,36 @@ layer(TestLayer, { excludeTestServices: true })("RunOwnership.verify", (it) => {
       assert.isFalse(yield* ownership.verify(nulls, scope))
       const numbers = yield* insertLegacy("org-n", JSON.stringify({ agentId: 7, conversationId: 8 }))
       assert.isFalse(yield* ownership.verify(numbers, { organizationId: "org-n", agentId: "7", conversationId: "8" }))
+    }))
+
+  it.effect("a run sent by runlane takes its scope from its columns only, never from its payload", () =>
+    Effect.gen(function*() {
+      const ownership = yield* RunOwnership
+      const queue = yield* RunsQueue
+      const asked = { organizationId: "org-a", agentId: "agent-x", conversationId: "conv-of-another-run" }
+      const { id } = yield* queue.send({
+        queue: "messages",
+        organizationId: "org-a",
+        agentId: "agent-x",
+        payload: { agentId: "agent-x", conversationId: "conv-of-another-run" }
+      })
+      assert.isFalse(yield* ownership.verify(id, asked))
+      const stored = yield* ownership.scopeOf(id)
+      assert.deepStrictEqual(Option.getOrUndefined(stored), { organizationId: "org-a", agentId: "agent-x", conversationId: undefined })
+      const noAgent = yield* queue.send({ queue: "messages", organizationId: "org-a", payload: { agentId: "agent-x" } })
+      assert.strictEqual(Option.getOrUndefined(yield* ownership.scopeOf(noAgent.id))?.agentId, undefined)
+    }))
+
+  it.effect("a row marked legacy_scope = false never falls back to action_input, whoever wrote it", () =>
+    Effect.gen(function*() {
+      const ownership = yield* RunOwnership
+      const { use } = yield* Database
+      const [row] = yield* use("test", (sql) =>
+        sql<Array<{ id: string }>>`
+          insert into runs (organization_id, queue, action_input, legacy_scope)
+          values ('org-a', 'messages', ${JSON.stringify({ agentId: "agent-x", conversationId: scope.conversationId })}::text::jsonb, false)
+          returning id::text`)
+      assert.isFalse(yield* ownership.verify(Number(row!.id), scope))
     }))
 
   it.effect("legacy rows holding a JSON string of an object are read through the string", () =>

@@ -1,0 +1,1 @@
+ALTER TABLE "runs" ADD COLUMN "legacy_scope" boolean DEFAULT true NOT NULL;
