@@ -14,6 +14,8 @@
  *   `-- runlane:no-transaction` runs outside any (migrationFiles.ts), still under the lock, in order;
  * - its DDL waits for locks without bound: here every statement runs under `lock_timeout` and is tried
  *   again a bounded number of times (migrationSteps.ts).
+ * And behind a transaction pooler the migration lock would strand on a server session nobody controls:
+ * the migrator first checks that its connection keeps one server session (sessionPooling.ts).
  */
 import { hostname } from "node:os"
 import { fileURLToPath } from "node:url"
@@ -23,6 +25,7 @@ import { unfinishedBackfills as unfinishedRequiredBackfills } from "../backfills
 import { Database } from "./Database.ts"
 import { DatabaseError } from "./DatabaseError.ts"
 import * as MigrationFiles from "./migrationFiles.ts"
+import { assertSessionPooling, type SessionPoolingRequired } from "./sessionPooling.ts"
 import { type MigrationError, type MigrationStatus } from "./migrationFiles.ts"
 import {
   acquireMigrationLock,
@@ -30,11 +33,15 @@ import {
   ensureLedger,
   type MigrationLimits,
   type MigrationLockBusy,
-  readApplied
+  readApplied,
+  setLockTimeout
 } from "./migrationSteps.ts"
 
 export { compareJournal, type JournalEntry, MigrationError, type MigrationStatus, noTransactionMarker } from "./migrationFiles.ts"
 export { migrationLockKey, MigrationLockBusy } from "./migrationSteps.ts"
+
+/** Bound on the start-up check that the migrator's connection keeps one server session. */
+const sessionProbeTimeoutMs = 5_000
 
 export const migrationsFolder = fileURLToPath(new URL("../../drizzle", import.meta.url))
 
@@ -95,20 +102,32 @@ const make = (options: MigratorOptions) =>
     ).pipe(Effect.withSpan("Migrator.status"))
 
     const migrate = Effect.acquireUseRelease(
-      // max: 1 keeps the lock, the migrations and the unlock on one backend. lock_timeout is a startup
-      // parameter, so it holds for every statement; application_name is what a waiting migrator reports.
+      // max: 1 keeps the lock, the migrations and the unlock on one backend; application_name is what a
+      // waiting migrator reports. lock_timeout is set by statement (setLockTimeout).
       Effect.sync(() =>
         postgres(Redacted.value(database.url), {
           max: 1,
           onnotice: () => {},
-          connection: {
-            application_name: `runlane migrator (pid ${process.pid} on ${hostname()})`,
-            lock_timeout: options.lockTimeoutMs
-          }
+          connection: { application_name: `runlane migrator (pid ${process.pid} on ${hostname()})` }
         })
       ),
       (client) =>
         Effect.gen(function*() {
+          // The migration lock is a session advisory lock: behind a transaction pooler it would strand.
+          const [own] = yield* Effect.tryPromise({
+            try: () => client<Array<{ pid: number }>>`select pg_backend_pid() as pid`,
+            catch: (cause) => DatabaseError.fromCause("Migrator.migrate", cause)
+          })
+          yield* assertSessionPooling(
+            "migrations",
+            { pid: own!.pid, query: (f) => Promise.resolve(f(client)) },
+            database.sql,
+            sessionProbeTimeoutMs
+          )
+          yield* Effect.tryPromise({
+            try: () => setLockTimeout(client, options, "session"),
+            catch: (cause) => DatabaseError.fromCause("Migrator.migrate", cause)
+          })
           yield* acquireMigrationLock(client, options.lockWaitMs)
           yield* ensureLedger(client)
           const read = Effect.tryPromise({
@@ -139,7 +158,7 @@ export class Migrator extends Context.Service<Migrator, {
    * Applies pending migrations in order under the migration lock; safe to call from many processes at
    * once (each migration is applied once; the others wait, then find nothing pending).
    */
-  readonly migrate: Effect.Effect<MigrationReport, MigrationError | MigrationLockBusy | DatabaseError>
+  readonly migrate: Effect.Effect<MigrationReport, MigrationError | MigrationLockBusy | SessionPoolingRequired | DatabaseError>
   /** Applied and pending migrations, read through the pool (serves the start-up gate and readiness). */
   readonly status: Effect.Effect<MigrationStatus, MigrationError | DatabaseError>
   /**

@@ -185,11 +185,25 @@ const requireValidIndex = (client: postgres.Sql, migration: string, index: strin
  * run. A `no-transaction` migration runs statement by statement in autocommit and is recorded after its
  * last statement succeeded.
  */
+/**
+ * `lock_timeout` for the statements that follow: for the rest of a transaction, or for the session.
+ * Set by statement, not as a startup parameter of the client, because PgBouncer refuses startup
+ * parameters it does not know (session pooling is fine for migrations; see sessionPooling.ts). Set
+ * again before every statement outside a transaction, so a reconnect in between cannot drop it.
+ */
+export const setLockTimeout = (
+  client: postgres.Sql | postgres.TransactionSql,
+  limits: Pick<MigrationLimits, "lockTimeoutMs">,
+  scope: "transaction" | "session"
+) =>
+  client`select set_config('lock_timeout', ${`${limits.lockTimeoutMs}ms`}, ${scope === "transaction"})`
+
 export const applyMigration = (client: postgres.Sql, entry: JournalEntry, limits: MigrationLimits) =>
   Effect.gen(function*() {
     if (entry.transactional) {
       return yield* withLockRetry(entry.tag, limits, call(`Migrator.apply ${entry.tag}`, () =>
         client.begin(async (tx) => {
+          await setLockTimeout(tx, limits, "transaction")
           for (const statement of entry.statements) await tx.unsafe(statement)
           await record(tx, entry)
         })))
@@ -197,6 +211,7 @@ export const applyMigration = (client: postgres.Sql, entry: JournalEntry, limits
     for (const statement of entry.statements) {
       const index = concurrentIndexName(statement)
       yield* withLockRetry(entry.tag, limits, Effect.gen(function*() {
+        yield* call(`Migrator.apply ${entry.tag}`, () => setLockTimeout(client, limits, "session"))
         if (index !== undefined) yield* dropInvalidIndex(client, entry.tag, index)
         yield* call(`Migrator.apply ${entry.tag}`, () => client.unsafe(statement))
         if (index !== undefined) yield* requireValidIndex(client, entry.tag, index)

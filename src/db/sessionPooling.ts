@@ -15,7 +15,13 @@
 import { Effect, Schema } from "effect"
 import type postgres from "postgres"
 import { DatabaseError } from "./DatabaseError.ts"
-import { type PinnedConnection, withinMs } from "./pinnedConnection.ts"
+import { withinMs } from "./pinnedConnection.ts"
+
+/** A connection that must keep one server session: a pinned pool connection, or a client of its own. */
+export interface SessionUnderProbe {
+  readonly pid: number
+  readonly query: <A>(f: (sql: postgres.Sql) => PromiseLike<A>) => Promise<A>
+}
 
 /** The database connection does not keep one server session across transactions. */
 export class SessionPoolingRequired extends Schema.TaggedError<SessionPoolingRequired>()("SessionPoolingRequired", {
@@ -34,7 +40,7 @@ export type SessionProbe =
  * transaction on another client connection. Promise-based so the migrator's own client can use it too.
  */
 export const probeSession = async (
-  session: { readonly pid: number; query: PinnedConnection["query"] },
+  session: SessionUnderProbe,
   other: postgres.Sql,
   timeoutMs: number
 ): Promise<SessionProbe> => {
@@ -58,7 +64,7 @@ export const probeSession = async (
 /** The probe as an Effect, with the refusal that names the cause and the fix. */
 export const assertSessionPooling = Effect.fnUntraced(function*(
   needs: string,
-  session: { readonly pid: number; query: PinnedConnection["query"] },
+  session: SessionUnderProbe,
   other: postgres.Sql,
   timeoutMs: number
 ) {

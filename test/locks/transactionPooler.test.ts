@@ -1,15 +1,16 @@
 /**
- * Session advisory locks behind a real PgBouncer: transaction mode is refused at start, naming the cause
- * and the fix; session mode serves.
+ * Session advisory locks behind a real PgBouncer (conversation locks and the migration lock):
+ * transaction mode is refused at start, naming the cause and the fix; session mode serves.
  */
 import { assert, describe, it } from "@effect/vitest"
 import { ConfigProvider, Effect, Exit, Layer, Redacted } from "effect"
 import postgres from "postgres"
 import { Database } from "../../src/db/Database.ts"
+import { Migrator } from "../../src/db/Migrator.ts"
 import { ConversationLocks, SessionPoolingRequired } from "../../src/locks/ConversationLocks.ts"
 import { conversationLockHash, defaultLockNamespace } from "../../src/locks/lockKey.ts"
 import { startPgbouncer } from "../support/pgbouncer.ts"
-import { acquireTestDatabase } from "../support/testDatabase.ts"
+import { acquireTestDatabase, createDatabase, dropDatabase } from "../support/testDatabase.ts"
 
 const locksThrough = (url: string) =>
   ConversationLocks.layer.pipe(
@@ -51,4 +52,25 @@ describe("ConversationLocks behind PgBouncer", () => {
         assert.strictEqual((yield* Effect.flip(Effect.scoped(locks.acquire(key))))._tag, "ConversationBusy")
       }).pipe(Effect.provide(locksThrough(url))))
     }).pipe(Effect.scoped), { timeout: 60_000 })
+
+  it.live("transaction mode: the Migrator refuses before it takes the migration lock; session mode migrates", () =>
+    Effect.acquireUseRelease(
+      Effect.promise(() => createDatabase({ migrated: false })),
+      (database) =>
+        Effect.gen(function*() {
+          const migrate = (url: string) =>
+            Effect.flatMap(Migrator, (migrator) => migrator.migrate).pipe(
+              Effect.provide(Migrator.layer.pipe(Layer.provide(Database.layerWith({ url: Redacted.make(url), poolMax: 2 }))))
+            )
+          const transactionMode = yield* startPgbouncer(database.url, "transaction")
+          const error = yield* Effect.flip(migrate(transactionMode))
+          assert.instanceOf(error, SessionPoolingRequired)
+          assert.include((error as SessionPoolingRequired).message, "migrations need one server session")
+          const sessionMode = yield* startPgbouncer(database.url, "session")
+          const report = yield* migrate(sessionMode)
+          assert.isAbove(report.appliedNow.length, 0)
+          assert.deepStrictEqual(report.status.pending, [])
+        }).pipe(Effect.scoped),
+      (database) => Effect.promise(() => dropDatabase(database.name))
+    ), { timeout: 120_000 })
 })
