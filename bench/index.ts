@@ -1,11 +1,13 @@
 /**
  * `npm run bench`: prints a table; `npm run bench -- --json` prints a JSON array of
- * `{ name, value, unit, baseline, ratio }` instead; `-- --only=runs`, `-- --only=locks` or `-- --only=http` runs one group.
+ * `{ name, value, unit, baseline, ratio }` instead; `-- --only=runs|locks|http|memory` runs one group.
+ * stdout carries only the table or the JSON; every log line goes to stderr.
  */
-import { Effect } from "effect"
+import { Effect, Logger } from "effect"
 import { benchDatabase, printTable } from "./harness.ts"
 import { httpBenchmarks } from "./http.ts"
 import { lockBenchmarks } from "./locks.ts"
+import { memoryBenchmarks } from "./memory.ts"
 import { runsBenchmarks } from "./runs.ts"
 
 const json = process.argv.includes("--json")
@@ -16,7 +18,8 @@ const program = Effect.gen(function*() {
   const results = [
     ...(only === undefined || only === "runs" ? yield* runsBenchmarks(url) : []),
     ...(only === undefined || only === "locks" ? yield* lockBenchmarks(url) : []),
-    ...(only === undefined || only === "http" ? yield* httpBenchmarks(url) : [])
+    ...(only === undefined || only === "http" ? yield* httpBenchmarks(url) : []),
+    ...(only === undefined || only === "memory" ? yield* memoryBenchmarks(url) : [])
   ]
   if (json) {
     process.stdout.write(`${JSON.stringify(results.map(({ name, value, unit, baseline, ratio }) => ({ name, value, unit, baseline, ratio })), null, 2)}\n`)
@@ -24,7 +27,7 @@ const program = Effect.gen(function*() {
     process.stdout.write(`runlane benchmarks on ${server}, Node ${process.version}\n\n`)
     printTable(results)
   }
-}).pipe(Effect.scoped)
+}).pipe(Effect.scoped, Effect.provideService(Logger.LogToStderr, true))
 
 Effect.runPromise(program).catch((error: unknown) => {
   process.stderr.write(`${String(error)}\n`)
