@@ -89,6 +89,24 @@ describe("the built service on its embedded PostgreSQL", () => {
     assert.strictEqual((await exitWithin(service, 60_000)).code, 0, service.output())
   }, 180_000)
 
+  it("moves a cluster still on the old published password to the generated one", async () => {
+    const password = (await readFile(passwordFile(), "utf8")).trim()
+    const first = await start()
+    const sql = connect(first.databasePort, password)
+    await sql.unsafe("alter role postgres password 'runlane'")
+    await sql.end({ timeout: 5 })
+    first.service.signal("SIGTERM")
+    assert.strictEqual((await exitWithin(first.service, 60_000)).code, 0, first.service.output())
+
+    const { service, databasePort } = await start()
+    const published = connect(databasePort, "runlane")
+    const refused = await published`select 1`.then(() => undefined, (error: { code?: string }) => error.code)
+    await published.end({ timeout: 5 })
+    assert.strictEqual(refused, "28P01", "the published password must no longer log in")
+    service.signal("SIGTERM")
+    assert.strictEqual((await exitWithin(service, 60_000)).code, 0, service.output())
+  }, 180_000)
+
   it("SIGTERM with an upload in flight: the upload completes (200) and the process exits 0", async () => {
     const { service, baseUrl, databasePort } = await start()
     const { runId, token } = await runWithToken(baseUrl)
