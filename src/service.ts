@@ -5,7 +5,7 @@
  * Closing it runs in dependency order: the HTTP server stops accepting and drains (bounded), then
  * conversation locks still held are released, then the pool ends, then the embedded server stops.
  */
-import { Config, Effect, Layer, Option, Schema } from "effect"
+import { Config, Context, Effect, Layer, Option, Schema } from "effect"
 import { HttpServer } from "effect/http"
 import { Database } from "./db/Database.ts"
 import { Migrator } from "./db/Migrator.ts"
@@ -106,6 +106,19 @@ export const makeServiceLayer = <E>(extra: Layer.Layer<never, E, Layer.Success<t
     // Built in this order and closed in reverse: core services, extra, HTTP server, announcement.
     return announce.pipe(
       Layer.provideMerge(httpServerLayer({ port, host })),
-      Layer.provide(extra.pipe(Layer.provideMerge(serviceCoreLayer)))
+      Layer.provideMerge(extra.pipe(Layer.provideMerge(serviceCoreLayer)))
+    )
+  }))
+
+/**
+ * The service until it is interrupted (a stop signal), or until its embedded database dies under it:
+ * then it logs why and fails, so the process exits non-zero and a supervisor restarts it, instead of
+ * answering 500 to every database route for ever.
+ */
+export const launchService = <E>(extra: Layer.Layer<never, E, Layer.Success<typeof serviceCoreLayer>> = Layer.empty) =>
+  Effect.scoped(Effect.gen(function*() {
+    const services = yield* Layer.build(makeServiceLayer(extra))
+    return yield* Context.get(services, ServiceDatabaseSource).died.pipe(
+      Effect.tapError(() => Effect.logError("Embedded PostgreSQL exited unexpectedly; stopping runlane so it can be restarted"))
     )
   }))

@@ -4,7 +4,7 @@
  */
 import { createServer, type Server } from "node:http"
 import { NodeHttpServer } from "@effect/platform-node"
-import { Duration, Effect, Layer, type Redacted, Schema } from "effect"
+import { Duration, Effect, Layer, Redacted, Schema } from "effect"
 import { HttpRouter, HttpServer, HttpServerResponse } from "effect/http"
 import { HttpApiBuilder } from "effect/http-api"
 import type { Database } from "../db/Database.ts"
@@ -15,7 +15,13 @@ import type { WorkerTokens } from "../ownership/WorkerTokens.ts"
 import type { RunsQueue } from "../runs/RunsQueue.ts"
 import type { TranscriptSnapshots } from "../snapshots/TranscriptSnapshots.ts"
 import { AdminHandlers } from "./adminHandlers.ts"
-import { AdminAuthLayer, adminAuthLayerWith, WorkerAuthLayer } from "./authentication.ts"
+import {
+  AdminAuthLayer,
+  adminAuthLayerWith,
+  AdminTokenConfigError,
+  minimumAdminTokenLength,
+  WorkerAuthLayer
+} from "./authentication.ts"
 import { HealthHandlers } from "./healthHandlers.ts"
 import { HttpMetricsMiddleware } from "./httpMetrics.ts"
 import { type AdminAuth, RunlaneApi } from "./RunlaneApi.ts"
@@ -126,7 +132,8 @@ const drain = (server: Server | undefined) =>
 export interface FetchHandlerOptions {
   /**
    * The admin routes' bearer token; `undefined` turns them off (404). Omitted: RUNLANE_ADMIN_TOKEN,
-   * as in the service.
+   * as in the service. At least 16 characters, as RUNLANE_ADMIN_TOKEN: an empty token would match a
+   * request with no Authorization header at all.
    */
   readonly adminToken?: Redacted.Redacted<string> | undefined
 }
@@ -134,12 +141,20 @@ export interface FetchHandlerOptions {
 /**
  * The routes as a web `fetch` handler (`(request: Request) => Promise<Response>`), for mounting in
  * another framework. `services` supplies what the routes stand on; call `dispose` when done.
+ * Throws `AdminTokenConfigError` for an `adminToken` under 16 characters.
  */
-export const makeFetchHandler = <E>(services: Layer.Layer<RouteServices, E>, options: FetchHandlerOptions = {}) =>
-  HttpRouter.toWebHandler(
+export const makeFetchHandler = <E>(services: Layer.Layer<RouteServices, E>, options: FetchHandlerOptions = {}) => {
+  if (options.adminToken !== undefined && Redacted.value(options.adminToken).length < minimumAdminTokenLength) {
+    throw new AdminTokenConfigError({
+      variable: "adminToken",
+      message: `adminToken must be at least ${minimumAdminTokenLength} characters`
+    })
+  }
+  return HttpRouter.toWebHandler(
     routesWith("adminToken" in options ? adminAuthLayerWith(options.adminToken) : AdminAuthLayer).pipe(
       Layer.provide(services),
       Layer.provide(HttpServer.layerServices)
     ),
     { disableLogger: true }
   )
+}

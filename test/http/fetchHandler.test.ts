@@ -35,6 +35,15 @@ describe("the routes as a web fetch handler", () => {
       await dispose()
     }
   })
+
+  it("refuses to build with an admin token under 16 characters, so an empty one cannot match a missing header", () => {
+    for (const adminToken of ["", "fifteen-chars-x"]) {
+      assert.throws(
+        () => makeFetchHandler(routeServicesLayer(), { adminToken: Redacted.make(adminToken) }),
+        /adminToken must be at least 16 characters/
+      )
+    }
+  })
 })
 
 describe("readiness", () => {

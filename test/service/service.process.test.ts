@@ -4,7 +4,7 @@ import { join } from "node:path"
 import postgres from "postgres"
 import { afterAll, assert, beforeAll, describe, it } from "vitest"
 import { createDatabase, dropDatabase, type TestDatabaseHandle } from "../support/testDatabase.ts"
-import { exitWithin, mainEntry, startService } from "../support/serviceProcess.ts"
+import { builtEntry, exitWithin, startService } from "../support/serviceProcess.ts"
 
 const secret = "a-process-test-secret-of-32-bytes-or-more"
 let database: TestDatabaseHandle
@@ -60,7 +60,7 @@ describe("the service process", () => {
   })
 
   it("SIGINT stops it too, after it has served requests", async () => {
-    const service = startService(mainEntry, env())
+    const service = startService(builtEntry, env())
     const [, baseUrl] = await service.waitFor(/runlane listening on (http:\/\/[0-9.:]+)/)
     assert.strictEqual((await fetch(`${baseUrl}/health/ready`)).status, 200)
     service.signal("SIGINT")
@@ -70,9 +70,9 @@ describe("the service process", () => {
   })
 
   it("a second start on a port in use says so and exits", async () => {
-    const first = startService(mainEntry, env())
+    const first = startService(builtEntry, env())
     const [, port] = await first.waitFor(/runlane listening on http:\/\/[0-9.]+:([0-9]+)/)
-    const second = startService(mainEntry, env({ PORT: port! }))
+    const second = startService(builtEntry, env({ PORT: port! }))
     const exit = await exitWithin(second, 30_000)
     assert.notStrictEqual(exit.code, 0)
     assert.include(second.output(), `port ${port} on 127.0.0.1 is in use`)
@@ -86,14 +86,14 @@ describe("the service process", () => {
     await chmod(dataDir, 0o755)
     try {
       const embeddedEnv = { PORT: "0", RUNLANE_DATA_DIR: dataDir }
-      const first = startService(mainEntry, embeddedEnv)
+      const first = startService(builtEntry, embeddedEnv)
       await first.waitFor(/runlane listening on/, 120_000)
       assert.include(first.output(), `RUNLANE_TOKEN_SECRET is not set: using the newly generated secret in ${dataDir}/token-secret`)
       const secretFile = await readFile(join(dataDir, "token-secret"), "utf8")
       assert.isAtLeast(secretFile.trim().length, 32)
       assert.strictEqual((await stat(join(dataDir, "token-secret"))).mode & 0o777, 0o600)
 
-      const second = startService(mainEntry, embeddedEnv)
+      const second = startService(builtEntry, embeddedEnv)
       assert.notStrictEqual((await exitWithin(second, 60_000)).code, 0)
       assert.include(second.output(), `the data folder ${dataDir}/pgdata is in use`)
       first.signal("SIGTERM")
@@ -101,7 +101,7 @@ describe("the service process", () => {
       assert.include(first.output(), "Embedded PostgreSQL stopped")
 
       // A restart finds the same data and the same secret.
-      const again = startService(mainEntry, embeddedEnv)
+      const again = startService(builtEntry, embeddedEnv)
       await again.waitFor(/runlane listening on/, 120_000)
       assert.include(again.output(), "using the generated secret")
       assert.include(again.output(), "(0 just now)")
@@ -123,7 +123,7 @@ describe("the service process", () => {
       ["RUNLANE_MAX_RESERVED_LOCKS", { RUNLANE_MAX_RESERVED_LOCKS: "-1" }]
     ]
     await Promise.all(cases.map(async ([variable, bad]) => {
-      const service = startService(mainEntry, env(bad))
+      const service = startService(builtEntry, env(bad))
       const exit = await exitWithin(service, 30_000)
       assert.notStrictEqual(exit.code, 0, `${variable}=${JSON.stringify(bad)}`)
       assert.include(service.output(), variable, service.output())
@@ -131,7 +131,7 @@ describe("the service process", () => {
     }))
     // With DATABASE_URL, a token secret is required (one is generated only beside the embedded database).
     const { RUNLANE_TOKEN_SECRET: _, ...withoutSecret } = env()
-    const service = startService(mainEntry, withoutSecret)
+    const service = startService(builtEntry, withoutSecret)
     assert.notStrictEqual((await exitWithin(service, 30_000)).code, 0)
     assert.include(service.output(), "RUNLANE_TOKEN_SECRET is not set")
   })

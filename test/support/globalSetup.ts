@@ -4,7 +4,9 @@
  * `DATABASE_URL` set: that server is used (its user must be allowed to create databases).
  * Otherwise a throwaway embedded server is started in a temporary folder and deleted afterwards.
  * Each test file then clones the template (see testDatabase.ts), which takes milliseconds.
+ * It also builds the service as `npm start` does, once, so process tests run what `npm start` serves.
  */
+import { execFileSync } from "node:child_process"
 import { chmod, mkdtemp } from "node:fs/promises"
 import { tmpdir } from "node:os"
 import { join } from "node:path"
@@ -15,6 +17,7 @@ import { Database } from "../../src/db/Database.ts"
 import { startEmbeddedPostgres } from "../../src/db/EmbeddedPostgres.ts"
 import { Migrator } from "../../src/db/Migrator.ts"
 import { databaseUrl, testDatabasePrefix } from "./databaseNames.ts"
+import { projectRoot } from "./serviceProcess.ts"
 
 declare module "vitest" {
   export interface ProvidedContext {
@@ -24,6 +27,7 @@ declare module "vitest" {
 }
 
 export default async function setup(project: TestProject) {
+  execFileSync("npm", ["run", "build", "--silent"], { cwd: projectRoot, stdio: "inherit" })
   const scope = Effect.runSync(Scope.make())
   let adminUrl = process.env["DATABASE_URL"]
   if (adminUrl === undefined || adminUrl === "") {

@@ -1,12 +1,15 @@
 /**
- * The service as a separate process (`node --import tsx <entry>`), as `npm start` runs it, with its
- * output collected for assertions. Only the variables given are set, besides PATH and HOME.
+ * The service as a separate process, with its output collected for assertions: `builtEntry` is what
+ * `npm start` runs (`node dist/service/main.js`, built by globalSetup as `npm start` builds it); a
+ * `.ts` entry runs through tsx. Only the variables given are set, besides PATH and HOME.
  */
 import { spawn } from "node:child_process"
 import { fileURLToPath } from "node:url"
 
 export const projectRoot = fileURLToPath(new URL("../..", import.meta.url))
 export const mainEntry = "src/main.ts"
+/** The output of `npm run build`, which `npm start` runs. */
+export const builtEntry = "dist/service/main.js"
 
 export interface ServiceProcess {
   readonly output: () => string
@@ -14,10 +17,12 @@ export interface ServiceProcess {
   readonly waitFor: (pattern: RegExp, timeoutMs?: number) => Promise<RegExpMatchArray>
   readonly exited: Promise<{ readonly code: number | null; readonly signal: NodeJS.Signals | null }>
   readonly signal: (signal: NodeJS.Signals) => void
+  /** Whether the process has exited. */
+  readonly done: () => boolean
 }
 
 export const startService = (entry: string, env: Record<string, string>): ServiceProcess => {
-  const child = spawn(process.execPath, ["--import", "tsx", entry], {
+  const child = spawn(process.execPath, entry.endsWith(".ts") ? ["--import", "tsx", entry] : [entry], {
     cwd: projectRoot,
     env: { PATH: process.env["PATH"] ?? "", HOME: process.env["HOME"] ?? "", ...env },
     stdio: ["ignore", "pipe", "pipe"]
@@ -63,7 +68,7 @@ export const startService = (entry: string, env: Record<string, string>): Servic
       check()
     })
 
-  return { output: () => output, waitFor, exited, signal: (signal) => child.kill(signal) }
+  return { output: () => output, waitFor, exited, signal: (signal) => child.kill(signal), done: () => done }
 }
 
 /** Bounded wait for the process to end. */

@@ -2,11 +2,10 @@
  * The service of `npm start`, plus one conversation lock held for its whole life (as a worker inside
  * the process would hold one), to prove that shutdown releases it before the process exits.
  */
-import { NodeRuntime } from "@effect/platform-node"
 import { Effect, Layer } from "effect"
 import { ConversationLocks } from "../../src/locks/ConversationLocks.ts"
-import { makeServiceLayer } from "../../src/service.ts"
-import { serviceTeardown } from "../../src/serviceTeardown.ts"
+import { launchService } from "../../src/service.ts"
+import { runServiceMain, serviceTeardown } from "../../src/serviceRuntime.ts"
 
 export const heldConversation = { organizationId: "org", agentId: "agent", conversationId: "held-at-shutdown" }
 
@@ -21,4 +20,4 @@ const holdOneLock = Layer.effectDiscard(Effect.gen(function*() {
   yield* Effect.logInfo(`test holder: holding the lock on backend ${lock.backendPid}`)
 }))
 
-NodeRuntime.runMain(Layer.launch(makeServiceLayer(holdOneLock)), { teardown: serviceTeardown })
+runServiceMain(launchService(holdOneLock), { teardown: serviceTeardown })
