@@ -28,6 +28,29 @@ const counts = Effect.gen(function*() {
   return { held: usage.held, inFlight: usage.inFlight, stranded: usage.stranded }
 })
 
+/** Holds a lock through three keepalives that each meet `fault`, then checks the lock was never reported lost. */
+const survivesStalls = (fault: "stall" | "stallBeforeWrite", stallMs: number) =>
+  Effect.gen(function*() {
+    const locks = yield* ConversationLocks
+    const harness = yield* LockHarness
+    harness.clearFaults()
+    harness.faults.stallMs = stallMs
+    harness.faults.keepalive.push(fault, fault, fault)
+    const before = (yield* locks.localUsage).lost
+    yield* Effect.scoped(Effect.gen(function*() {
+      const lock = yield* locks.acquire(key(1))
+      yield* eventually("three stalls", Effect.sync(() => harness.faults.keepalive.length === 0), 10_000)
+      // Another keepalive answered after the stalls: a false loss would have been reported by then.
+      yield* eventually("keepalives after the stalls", Effect.promise(() =>
+        harness.admin<Array<{ n: number }>>`select count(*)::int as n from pg_stat_activity
+          where pid = ${lock.backendPid} and query = 'select 1' and state_change > now() - interval '100 ms'`
+      ).pipe(Effect.map((rows) => rows[0]!.n === 1)), 5_000)
+      assert.isFalse(yield* lock.isLost)
+    }))
+    assert.strictEqual((yield* locks.localUsage).lost, before)
+    yield* expectQuiescent
+  })
+
 layer(lockHarnessLayer({ poolMax: 6, cap: 3 }), { excludeTestServices: true })("ConversationLocks release paths", (it) => {
   it.effect("retrying a busy conversation inside one open scope never reaches the cap", () =>
     Effect.gen(function*() {
@@ -159,48 +182,11 @@ layer(lockHarnessLayer({ poolMax: 6, cap: 3 }), { excludeTestServices: true })("
     }))
 
   it.effect("an event-loop stall longer than the keepalive does not report a live session lost", () =>
-    Effect.gen(function*() {
-      const locks = yield* ConversationLocks
-      const harness = yield* LockHarness
-      harness.clearFaults()
-      harness.faults.stallMs = 3 * 250
-      harness.faults.keepalive.push("stall", "stall", "stall")
-      const before = (yield* locks.localUsage).lost
-      yield* Effect.scoped(Effect.gen(function*() {
-        const lock = yield* locks.acquire(key(1))
-        yield* eventually("three stalls", Effect.sync(() => harness.faults.keepalive.length === 0), 10_000)
-        // Two more keepalive periods with the loop free: a false loss would have been reported by now.
-        yield* eventually("keepalives after the stalls", Effect.promise(() =>
-          harness.admin<Array<{ n: number }>>`select count(*)::int as n from pg_stat_activity
-            where pid = ${lock.backendPid} and query = 'select 1' and state_change > now() - interval '100 ms'`
-        ).pipe(Effect.map((rows) => rows[0]!.n === 1)), 5_000)
-        assert.isFalse(yield* lock.isLost)
-      }))
-      assert.strictEqual((yield* locks.localUsage).lost, before)
-      yield* expectQuiescent
-    }))
+    survivesStalls("stall", 3 * 250))
 
+  // keepalive 250 ms: a probe every 125 ms, due within 125 ms; a stall of 1.2 periods before the write.
   it.effect("an event-loop stall between a keepalive's creation and its write does not report a live session lost", () =>
-    Effect.gen(function*() {
-      const locks = yield* ConversationLocks
-      const harness = yield* LockHarness
-      harness.clearFaults()
-      // keepalive 250 ms: a probe every 125 ms, due within 125 ms; a stall of 1.2 periods before the write.
-      harness.faults.stallMs = 150
-      harness.faults.keepalive.push("stallBeforeWrite", "stallBeforeWrite", "stallBeforeWrite")
-      const before = (yield* locks.localUsage).lost
-      yield* Effect.scoped(Effect.gen(function*() {
-        const lock = yield* locks.acquire(key(1))
-        yield* eventually("three stalls", Effect.sync(() => harness.faults.keepalive.length === 0), 10_000)
-        yield* eventually("keepalives after the stalls", Effect.promise(() =>
-          harness.admin<Array<{ n: number }>>`select count(*)::int as n from pg_stat_activity
-            where pid = ${lock.backendPid} and query = 'select 1' and state_change > now() - interval '100 ms'`
-        ).pipe(Effect.map((rows) => rows[0]!.n === 1)), 5_000)
-        assert.isFalse(yield* lock.isLost)
-      }))
-      assert.strictEqual((yield* locks.localUsage).lost, before)
-      yield* expectQuiescent
-    }))
+    survivesStalls("stallBeforeWrite", 150))
 
   it.effect("a lock granted on a connection that closed before it could be held fails the acquire and leaks nothing", () =>
     Effect.gen(function*() {
