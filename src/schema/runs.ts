@@ -60,15 +60,16 @@ export const runs = pgTable(
     index("runs_claim_idx")
       .on(t.queue, t.priority.desc(), t.runAt, t.id)
       .where(sql`${t.status} = 'pending'`),
-    // At most one claimed run per conversation, whatever the claimers' snapshots and clocks saw: the
-    // claim statement's own checks make a conflict rare, and the claim retries on one (runClaimAvailable.ts).
-    // agent_id may be NULL and '' is never a valid id, so coalesce makes NULL one conversation.
+    // At most one claimed run per conversation and queue, whatever the claimers' snapshots and clocks
+    // saw: the claim statement's own checks make a conflict rare, and the claim retries on one
+    // (runClaimAvailable.ts). agent_id may be NULL and '' is never a valid id, so coalesce makes NULL
+    // one conversation.
     uniqueIndex("runs_conversation_claimed_uniq")
-      .on(t.organizationId, sql`coalesce(${t.agentId}, '')`, t.conversationId)
+      .on(t.queue, t.organizationId, sql`coalesce(${t.agentId}, '')`, t.conversationId)
       .where(sql`${t.status} = 'claimed' and ${t.conversationId} is not null`),
-    // A conversation's pending runs in order: "is there an older pending run" is one index probe.
+    // A conversation's pending runs of a queue in order: "is there an older pending run" is one index probe.
     index("runs_conversation_pending_idx")
-      .on(t.organizationId, sql`coalesce(${t.agentId}, '')`, t.conversationId, t.id)
+      .on(t.queue, t.organizationId, sql`coalesce(${t.agentId}, '')`, t.conversationId, t.id)
       .where(sql`${t.status} = 'pending' and ${t.conversationId} is not null`),
     // The sweep: claims whose lease has run out.
     index("runs_lease_idx").on(t.leaseExpiresAt).where(sql`${t.status} = 'claimed'`),

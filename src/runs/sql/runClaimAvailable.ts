@@ -4,8 +4,11 @@
  * Shape: `WITH candidates AS (SELECT ... ORDER BY priority DESC, run_at, id LIMIT n FOR UPDATE OF r
  * SKIP LOCKED) UPDATE runs ... FROM candidates RETURNING ...`, as graphile-worker's getJobs and River's
  * JobGetAvailable. A run is a candidate when it is pending, due (run_at <= now) and not expired; a run
- * with a conversation only when it is that conversation's oldest live pending run (by id) and no run of
- * the conversation is claimed, so a conversation's runs run in order and one at a time.
+ * with a conversation only when it is that conversation's oldest live pending run (by id) in the queue
+ * and no run of the conversation is claimed in the queue, so a conversation's runs of one queue run in
+ * order and one at a time. Per queue, not across queues: a queue without workers must not stall the
+ * conversation's runs in every other queue, and a handler that waits for a run of its conversation in
+ * another queue must not deadlock. Across queues the conversation lock is the guarantee.
  *
  * Why those checks cannot be the guarantee alone: they read the statement's snapshot, taken before the
  * row locks. Two claimers can still see two different runs of one conversation as eligible when a run
@@ -56,13 +59,13 @@ export const runClaimAvailable = (client: RunsClient, p: ClaimParameters) =>
              not exists (
                select 1 from runs c
                 where c.status = 'claimed' and c.conversation_id is not null
-                  and c.organization_id = r.organization_id
+                  and c.queue = r.queue and c.organization_id = r.organization_id
                   and coalesce(c.agent_id, '') = coalesce(r.agent_id, '')
                   and c.conversation_id = r.conversation_id)
              and not exists (
                select 1 from runs o
                 where o.status = 'pending' and o.conversation_id is not null
-                  and o.organization_id = r.organization_id
+                  and o.queue = r.queue and o.organization_id = r.organization_id
                   and coalesce(o.agent_id, '') = coalesce(r.agent_id, '')
                   and o.conversation_id = r.conversation_id
                   and o.id < r.id
