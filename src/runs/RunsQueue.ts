@@ -162,8 +162,11 @@ const toDatabaseError = (operation: string) => (cause: unknown): DatabaseError =
     ? new DatabaseError({ operation, message: cause.message, retryable: true, cause })
     : DatabaseError.fromCause(operation, cause)
 
+/** Longest `defer`: a year, as for a send's delay (a longer one is almost certainly a unit mistake). */
+export const maxDelayMs = 31_536_000_000
+
 const isDelay = (delayMs: unknown): boolean =>
-  typeof delayMs === "number" && Number.isFinite(delayMs) && delayMs >= 0 && delayMs <= 31_536_000_000
+  typeof delayMs === "number" && Number.isFinite(delayMs) && delayMs >= 0 && delayMs <= maxDelayMs
 
 const make = Effect.fnUntraced(function*(database: Database["Service"], config: RunsConfig) {
   const claimantId = `${config.claimantPrefix}:${randomUUID()}`
