@@ -142,7 +142,9 @@ export class RunWorker extends Context.Service<RunWorker, {
             if (Exit.isFailure(result)) {
               pending.unshift(...batch)
               yield* Effect.logWarning("Run settle failed; retrying", result.cause)
-              return yield* Effect.sleep(retryAfterErrorMs)
+              yield* Effect.sleep(retryAfterErrorMs)
+              // Nothing else may signal: the batch is retried on its own.
+              return void Queue.offerUnsafe(settleSignal, undefined)
             }
             // Lost and cancelled runs need nothing more: the database has already decided their fate.
             for (const settle of batch) freeSlot(settle.run.id)

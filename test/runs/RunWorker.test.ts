@@ -1,6 +1,7 @@
 import { assert, layer } from "@effect/vitest"
 import { Effect, Layer, Scope, Exit } from "effect"
 import { Database } from "../../src/db/Database.ts"
+import { DatabaseError } from "../../src/db/DatabaseError.ts"
 import { InvalidRunsArgument } from "../../src/runs/runErrors.ts"
 import { RunWorker, type RunHandlerInput, type RunWorkerOptions } from "../../src/runs/RunWorker.ts"
 import { RunsQueue } from "../../src/runs/RunsQueue.ts"
@@ -8,13 +9,26 @@ import { eventually } from "../support/lockHarness.ts"
 import { freshQueue, readRun, runInput } from "../support/runsHarness.ts"
 import { testDatabaseLayer } from "../support/testDatabase.ts"
 
-/** Claims counted at the service boundary, to show the loop claims only when it has reason to. */
+/**
+ * The real RunsQueue seen through the harness: claims are counted (to show the loop claims only when it
+ * has reason to), and the next `completeFaults` batch completes fail as a lost connection would.
+ */
 let claims = 0
+let completeFaults = 0
 const CountingQueue = Layer.effect(
   RunsQueue,
   Effect.gen(function*() {
     const queue = yield* RunsQueue
-    return RunsQueue.of({ ...queue, claim: (q, options) => Effect.suspend(() => (claims++, queue.claim(q, options))) })
+    return RunsQueue.of({
+      ...queue,
+      claim: (q, options) => Effect.suspend(() => (claims++, queue.claim(q, options))),
+      completeMany: (runs) =>
+        Effect.suspend(() => {
+          if (completeFaults === 0 || runs.length === 0) return queue.completeMany(runs)
+          completeFaults--
+          return Effect.fail(new DatabaseError({ operation: "RunsQueue.complete", message: "injected", retryable: true, cause: null }))
+        })
+    })
   })
 ).pipe(Layer.provideMerge(RunsQueue.layerWith({ leaseMs: 3_000, heartbeatMs: 1_000 })))
 
@@ -90,6 +104,18 @@ layer(TestLayer, { excludeTestServices: true })("RunWorker", (it) => {
       const later = yield* readRun(deferred!.id)
       assert.strictEqual(later.attempts, 0)
       assert.isNull(later.error_message)
+    }))
+
+  it.effect("a settle the database refused is retried until the runs are completed", () =>
+    Effect.gen(function*() {
+      const queue = yield* RunsQueue
+      const q = freshQueue("retry-settle")
+      yield* queue.sendMany(Array.from({ length: 3 }, () => runInput(q)))
+      completeFaults = 2
+      const worker = yield* startWorker({ queue: q, handler: () => Effect.void })
+      yield* eventually("all completed after two refused settles", Effect.map(statuses(q), (s) => s["completed"] === 3), 10_000)
+      yield* worker.stop
+      assert.strictEqual(completeFaults, 0)
     }))
 
   it.effect("wakes on NOTIFY rather than waiting for its poll", () =>
