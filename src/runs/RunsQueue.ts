@@ -29,12 +29,14 @@ import { runReleaseIfOwnedMany } from "./sql/runReleaseIfOwnedMany.ts"
 import type { RunsClient } from "./sql/runsClient.ts"
 import { runStatsForQueue } from "./sql/runStatsForQueue.ts"
 import { runSweepExpiredLeases } from "./sql/runSweepExpiredLeases.ts"
+import type { CancelOutcome, QueueStats, RunCount, SweepResult } from "./runReports.ts"
 import { IdempotencyChurn, writeRuns, type SendResult } from "./writeRuns.ts"
 
 export { runsChannel } from "./runsChannel.ts"
 export type { ClaimedRun } from "./claimRuns.ts"
 export type { RunRef, SettleOutcome } from "./settleOutcome.ts"
 export type { SendResult } from "./writeRuns.ts"
+export type { CancelOutcome, QueueStats, RunCount, SweepResult } from "./runReports.ts"
 
 /** Largest `sendMany` batch; larger batches should be split by the caller. */
 export const maxBatchSize = 10_000
@@ -51,37 +53,6 @@ export type DrizzleTransaction = PgTransaction<PostgresJsQueryResultHKT, any, an
 export interface SendOptions {
   /** Write inside this transaction: the run exists exactly when the caller's transaction commits. */
   readonly tx?: DrizzleTransaction | undefined
-}
-
-export interface RunCount {
-  readonly queue: string
-  readonly status: string
-  readonly count: number
-}
-
-export interface QueueStats {
-  readonly pending: number
-  readonly claimed: number
-  readonly completed: number
-  readonly failed: number
-  readonly cancelled: number
-  /** How long the oldest due, unexpired pending run has waited since its run_at; null when none waits. */
-  readonly oldestPendingAgeMs: number | null
-}
-
-/** What `cancel` did: a pending run is cancelled now, a claimed one when its worker next reports. */
-export type CancelOutcome =
-  | { readonly _tag: "Cancelled" }
-  | { readonly _tag: "CancelRequested" }
-  | { readonly _tag: "AlreadyFinal"; readonly status: string }
-
-export interface SweepResult {
-  /** Runs back to pending, their lost attempt counted. */
-  readonly returned: number
-  /** Runs that lost their last attempt and ended `failed`. */
-  readonly failed: number
-  /** Runs whose cancellation was pending, now `cancelled`. */
-  readonly cancelled: number
 }
 
 /** A count over a very large table gives up rather than hold a connection for long. */
