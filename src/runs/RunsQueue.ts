@@ -1,12 +1,13 @@
 /**
- * RunsQueue: how producers enqueue runs. Claiming, settling and the work loop come in a later issue.
+ * RunsQueue: enqueue, claim and settle runs; the statements live one per file under ./sql.
  *
- * `send` and `sendMany` share one statement: the batch travels as a single JSON text parameter, is
- * expanded by `jsonb_to_recordset`, inserted with `ON CONFLICT DO NOTHING` on the idempotency index, and
- * answered in input order with `{ id, created }`. The same statement NOTIFYs once per queue; PostgreSQL
- * delivers a NOTIFY only when the transaction commits, so inside a caller's transaction workers are
- * woken exactly when the runs become visible, never before.
+ * `send`/`sendMany` insert (writeRuns.ts picks the statement) and NOTIFY `runlane_runs` on commit.
+ * `claim` takes up to `limit` runs of a queue in one statement (runClaimAvailable.ts says how a
+ * conversation's runs stay in order and one at a time). Every later transition is one statement
+ * guarded by `status = 'claimed' AND claimed_by = <this claimant>`, in batches (`completeMany` ...) or
+ * one run at a time, where zero rows is a typed LeaseLost and a pending cancellation a RunCancelled.
  */
+import { randomUUID } from "node:crypto"
 import { is } from "drizzle-orm"
 import type { PgTransaction } from "drizzle-orm/pg-core"
 import { PostgresJsSession, type PostgresJsQueryResultHKT } from "drizzle-orm/postgres-js"
@@ -14,14 +15,37 @@ import { Context, Effect, Layer } from "effect"
 import type postgres from "postgres"
 import { Database } from "../db/Database.ts"
 import { DatabaseError } from "../db/DatabaseError.ts"
-import { defaultMaxAttempts, InvalidRunInput, toRunRecord, type RunRecord, type SendRunInput } from "./runInput.ts"
+import { InvalidRunsArgument, LeaseLost, RunCancelled, RunNotFound, RunsConfigError } from "./runErrors.ts"
+import { InvalidRunInput, toRunRecord, type RunRecord, type SendRunInput } from "./runInput.ts"
+import { resolveRunsConfig, runsConfigFromEnvironment, type RunsConfig, type RunsQueueOptions } from "./runsConfig.ts"
+import { claimRuns, type ClaimedRun } from "./claimRuns.ts"
+import { settleOutcome, type RunRef, type SettleOutcome } from "./settleOutcome.ts"
+import { runCancel } from "./sql/runCancel.ts"
+import { runCompleteIfOwnedMany } from "./sql/runCompleteIfOwnedMany.ts"
+import { runDeferIfOwnedMany } from "./sql/runDeferIfOwnedMany.ts"
+import { runFailIfOwnedMany } from "./sql/runFailIfOwnedMany.ts"
+import { runHeartbeatIfOwnedMany } from "./sql/runHeartbeatIfOwnedMany.ts"
+import { runReleaseIfOwnedMany } from "./sql/runReleaseIfOwnedMany.ts"
+import type { RunsClient } from "./sql/runsClient.ts"
+import { runStatsForQueue } from "./sql/runStatsForQueue.ts"
+import { runSweepExpiredLeases } from "./sql/runSweepExpiredLeases.ts"
+import type { CancelOutcome, QueueStats, RunCount, SweepResult } from "./runReports.ts"
+import { IdempotencyChurn, writeRuns, type SendResult } from "./writeRuns.ts"
 
-/** The LISTEN channel for new runs; the payload is the queue name. One channel for every queue, so
- * queue names are not bound by PostgreSQL's 63-byte channel-name limit. */
-export const runsChannel = "runlane_runs"
+export { runsChannel } from "./runsChannel.ts"
+export type { ClaimedRun } from "./claimRuns.ts"
+export type { RunRef, SettleOutcome } from "./settleOutcome.ts"
+export type { SendResult } from "./writeRuns.ts"
+export type { CancelOutcome, QueueStats, RunCount, SweepResult } from "./runReports.ts"
 
 /** Largest `sendMany` batch; larger batches should be split by the caller. */
 export const maxBatchSize = 10_000
+
+/** Largest claim and settle batch: far above any worker's free slots, small enough for one statement. */
+export const maxClaimBatch = 1_000
+
+/** Claims the sweep takes back per statement; it is called again while a full batch comes back. */
+export const sweepBatch = 1_000
 
 /** A Drizzle transaction over postgres.js, as handed to the callback of `db.transaction`. */
 export type DrizzleTransaction = PgTransaction<PostgresJsQueryResultHKT, any, any>
@@ -31,203 +55,77 @@ export interface SendOptions {
   readonly tx?: DrizzleTransaction | undefined
 }
 
-export interface SendResult {
-  readonly id: number
-  /** false when the idempotency key matched a run that is still pending or claimed; `id` is that run. */
-  readonly created: boolean
-}
+/** A count over a very large table gives up rather than hold a connection for long. */
+export const countsTimeoutMs = 2_000
 
-/**
- * Rounds of re-sending rows whose idempotency conflict could not be resolved in the statement's
- * snapshot (the conflicting run was committed by another transaction during the statement, or finished
- * right after). Each round either inserts or finds the run; two rounds settle every case but a
- * pathological churn of the same key.
- */
-const maxIdempotencyRounds = 5
+type One<E> = Effect.Effect<void, LeaseLost | RunCancelled | E>
+type Many = Effect.Effect<SettleOutcome, InvalidRunsArgument | DatabaseError>
 
-interface InsertedRow {
-  readonly ord: string
-  readonly id: string | null
-  readonly created: boolean
-}
-
-type Client = postgres.Sql | postgres.TransactionSql
-
-/**
- * Optional columns of a single-run INSERT, each with the SQL of its value. A column the run leaves at
- * its table default is left out of the statement, so the common run binds five parameters, as a
- * hand-written INSERT would (each extra cast parameter measured ~2% of a send in npm run bench).
- */
-const optionalColumns = [
-  ["priority", "::int", (run: RunRecord) => (run.priority === 0 ? undefined : run.priority)],
-  ["max_attempts", "::int", (run: RunRecord) => (run.max_attempts === defaultMaxAttempts ? undefined : run.max_attempts)],
-  ["run_at", "::text::timestamptz", (run: RunRecord) => run.run_at ?? undefined],
-  ["expires_at", "::text::timestamptz", (run: RunRecord) => run.expires_at ?? undefined],
-  ["retry_delay_seconds", "::int", (run: RunRecord) => run.retry_delay_seconds ?? undefined],
-  ["idempotency_key", "::text", (run: RunRecord) => run.idempotency_key ?? undefined]
-] as const
-
-/**
- * One run, the common case: scalar parameters, no CTE, the NOTIFY in RETURNING. The statement text is
- * assembled only from the constant fragments above (never from input), so there are at most 2^6 shapes,
- * each prepared once per connection. Without an idempotency key no conflict is possible and the
- * ON CONFLICT clause is left out. Answers no row when the key matched; `insertBatch` then resolves it.
- */
-const insertOne = (client: Client, run: RunRecord) => {
-  // legacy_scope is written false by every runlane insert: its scope is its columns (schema/runs.ts).
-  const columns = ["organization_id", "agent_id", "conversation_id", "queue", "action_input", "legacy_scope"]
-  const values = ["$1", "$2", "$3", "$4", "$5::text::jsonb", "false"]
-  const parameters: Array<string | number | null> = [
-    run.organization_id,
-    run.agent_id,
-    run.conversation_id,
-    run.queue,
-    run.action_input_json
-  ]
-  for (const [column, cast, pick] of optionalColumns) {
-    const value = pick(run)
-    if (value === undefined) continue
-    parameters.push(value)
-    columns.push(column)
-    values.push(`$${parameters.length}${cast}`)
-  }
-  if (run.delay_ms !== null) {
-    parameters.push(run.delay_ms)
-    columns.push("run_at")
-    values.push(`now() + $${parameters.length}::float8 * interval '1 millisecond'`)
-  }
-  parameters.push(runsChannel)
-  const statement = [
-    `insert into runs (${columns.join(", ")}) values (${values.join(", ")})`,
-    run.idempotency_key === null ? "" : onConflictDoNothing,
-    `returning id::text, pg_notify($${parameters.length}, queue)`
-  ].join(" ")
-  return client.unsafe<Array<{ id: string }>>(statement, parameters, { prepare: true })
-}
-
-/** Must match the predicate of runs_idempotency_key_uniq exactly, or PostgreSQL cannot infer the arbiter. */
-const onConflictDoNothing =
-  "on conflict (organization_id, idempotency_key) where idempotency_key is not null and status in ('pending', 'claimed') do nothing"
-
-/** The batch's columns as one array parameter each, unnested in input order (`i.ord` counts from 1). */
-const unnestRuns = (client: Client, runs: ReadonlyArray<RunRecord>) => client`
-  unnest(
-    ${runs.map((r) => r.organization_id)}::text[], ${runs.map((r) => r.agent_id)}::text[],
-    ${runs.map((r) => r.conversation_id)}::text[], ${runs.map((r) => r.queue)}::text[],
-    ${runs.map((r) => r.action_input_json)}::text[]::jsonb[], ${runs.map((r) => r.priority)}::int[],
-    ${runs.map((r) => r.delay_ms)}::float8[], ${runs.map((r) => r.run_at)}::text[]::timestamptz[],
-    ${runs.map((r) => r.expires_at)}::text[]::timestamptz[], ${runs.map((r) => r.max_attempts)}::int[],
-    ${runs.map((r) => r.retry_delay_seconds)}::int[], ${runs.map((r) => r.idempotency_key)}::text[]
-  ) with ordinality as i(organization_id, agent_id, conversation_id, queue, action_input, priority,
-                         delay_ms, run_at, expires_at, max_attempts, retry_delay_seconds, idempotency_key, ord)`
-
-/**
- * A batch without idempotency keys: every run is inserted. Ids come from the identity sequence as
- * unnest produces the rows, in array order, so the returned ids sorted ascending are the input order.
- * Timestamps travel as text[] and are cast by the server: drizzle replaces postgres.js's serializers
- * for date types, so binding them as timestamptz[] would depend on which client built the pool.
- */
-const insertBatchWithoutKeys = (client: Client, runs: ReadonlyArray<RunRecord>) =>
-  client<Array<{ id: string }>>`
-    with inserted as (
-      insert into runs (organization_id, agent_id, conversation_id, queue, action_input, priority,
-                        run_at, expires_at, max_attempts, retry_delay_seconds, legacy_scope)
-      select organization_id, agent_id, conversation_id, queue, action_input, priority,
-             coalesce(run_at, now() + coalesce(delay_ms, 0) * interval '1 millisecond'),
-             expires_at, max_attempts, retry_delay_seconds, false
-        from ${unnestRuns(client, runs)}
-      returning id, queue
-    ),
-    notified as (
-      select count(pg_notify(${runsChannel}, queue)) as queues from (select distinct queue from inserted) q
+export class RunsQueue extends Context.Service<RunsQueue, {
+  /** This process's claimant id: the prefix and a UUID drawn when the layer was built. */
+  readonly claimantId: string
+  readonly config: RunsConfig
+  readonly send: (input: SendRunInput, options?: SendOptions) => Effect.Effect<SendResult, InvalidRunInput | DatabaseError>
+  /** Writes the whole batch in one statement; answers in input order. Nothing is written if any run is invalid. */
+  readonly sendMany: (
+    inputs: ReadonlyArray<SendRunInput>,
+    options?: SendOptions
+  ) => Effect.Effect<ReadonlyArray<SendResult>, InvalidRunInput | DatabaseError>
+  /** Claims up to `limit` (1-1,000) due runs of `queue`: priority, then run_at, then id. */
+  readonly claim: (
+    queue: string,
+    options: { readonly limit: number }
+  ) => Effect.Effect<ReadonlyArray<ClaimedRun>, InvalidRunsArgument | DatabaseError>
+  /** Moves the run's lease forward by `leaseMs`. */
+  readonly heartbeat: (run: RunRef) => One<DatabaseError>
+  readonly heartbeatMany: (runs: ReadonlyArray<RunRef>) => Many
+  readonly complete: (run: RunRef) => One<DatabaseError>
+  readonly completeMany: (runs: ReadonlyArray<RunRef>) => Many
+  /** Spends the attempt: retried after its delay, or `failed` with `error` at max_attempts. */
+  readonly fail: (run: RunRef, error: string) => One<DatabaseError>
+  readonly failMany: (runs: ReadonlyArray<{ readonly run: RunRef; readonly error: string }>) => Many
+  /** Back to pending until now + delayMs, no attempt spent. */
+  readonly defer: (run: RunRef, delayMs: number) => One<InvalidRunsArgument | DatabaseError>
+  readonly deferMany: (runs: ReadonlyArray<{ readonly run: RunRef; readonly delayMs: number }>) => Many
+  /** Back to pending now, keeping its place; no attempt spent. */
+  readonly release: (run: RunRef) => One<DatabaseError>
+  readonly releaseMany: (runs: ReadonlyArray<RunRef>) => Many
+  /** Cancels a run by id, whoever holds it. */
+  readonly cancel: (runId: number) => Effect.Effect<CancelOutcome, RunNotFound | DatabaseError>
+  /** Takes back every claim whose lease ran out, counting the lost attempt. */
+  readonly sweep: Effect.Effect<SweepResult, DatabaseError>
+  /** One queue's runs by status and its oldest waiting run's age, under `countsTimeoutMs`. */
+  readonly stats: (queue: string) => Effect.Effect<QueueStats, DatabaseError>
+  /**
+   * How many runs each queue holds in each status (for /metrics). It reads the whole table, so it runs
+   * under a statement timeout (`countsTimeoutMs`) and callers should cache the answer.
+   */
+  readonly counts: Effect.Effect<ReadonlyArray<RunCount>, DatabaseError>
+}>()("runlane/RunsQueue") {
+  /** Settings from the options, over the defaults in runsConfig.ts. */
+  static readonly layerWith = (options: RunsQueueOptions) =>
+    Layer.effect(
+      RunsQueue,
+      Effect.gen(function*() {
+        const config = resolveRunsConfig(options)
+        if (config instanceof RunsConfigError) return yield* config
+        return yield* make(yield* Database, config)
+      })
     )
-    select id::text from inserted cross join notified`
 
-/**
- * A batch with idempotency keys. Ids are drawn with nextval() before the insert so every input row keeps
- * its id whether it was inserted or deduped, and each row answers its own `{ id, created }`.
- */
-const insertBatch = (client: Client, runs: ReadonlyArray<RunRecord>) =>
-  client<Array<InsertedRow>>`
-    with input as materialized (
-      select nextval('runs_id_seq') as id, i.* from ${unnestRuns(client, runs)}
-    ),
-    inserted as (
-      insert into runs (id, organization_id, agent_id, conversation_id, queue, action_input, priority,
-                        run_at, expires_at, max_attempts, retry_delay_seconds, idempotency_key, legacy_scope)
-      select id, organization_id, agent_id, conversation_id, queue, action_input, priority,
-             coalesce(run_at, now() + coalesce(delay_ms, 0) * interval '1 millisecond'),
-             expires_at, max_attempts, retry_delay_seconds, idempotency_key, false
-        from input
-       order by ord
-      on conflict (organization_id, idempotency_key)
-         where idempotency_key is not null and status in ('pending', 'claimed')
-         do nothing
-      returning id, queue
-    ),
-    notified as (
-      select count(pg_notify(${runsChannel}, queue)) as queues from (select distinct queue from inserted) q
-    )
-    select input.ord::text,
-           coalesce(
-             inserted.id,
-             -- a duplicate key earlier in this same batch (invisible to the lookup below)
-             (select first.id from input first join inserted done on done.id = first.id
-               where first.organization_id = input.organization_id
-                 and first.idempotency_key = input.idempotency_key
-               limit 1),
-             (select existing.id from runs existing
-               where existing.organization_id = input.organization_id
-                 and existing.idempotency_key = input.idempotency_key
-                 and existing.status in ('pending', 'claimed')
-               limit 1)
-           )::text as id,
-           inserted.id is not null as created
-      from input
-     cross join notified
-      left join inserted on inserted.id = input.id
-     order by input.ord`
+  /** Settings from RUNLANE_RUN_LEASE_MS and RUNLANE_RUN_HEARTBEAT_MS, each optional. */
+  static readonly layer = Layer.effect(
+    RunsQueue,
+    Effect.gen(function*() {
+      return yield* make(yield* Database, yield* runsConfigFromEnvironment)
+    })
+  )
+}
 
-const clientOf = (tx: DrizzleTransaction | undefined, pool: postgres.Sql): Client | InvalidRunInput => {
+const clientOf = (tx: DrizzleTransaction | undefined, pool: postgres.Sql): RunsClient | InvalidRunInput => {
   if (tx === undefined) return pool
   if (is(tx._.session, PostgresJsSession)) return tx._.session.client
   return new InvalidRunInput({ field: "options.tx", message: "must be a Drizzle transaction of the postgres-js driver" })
-}
-
-/**
- * Inserts validated runs and answers `{ id, created }` per run, in input order. A plain async function,
- * wrapped in one Effect by the caller: each Effect layer on this path costs a measurable share of a send.
- */
-const writeRuns = async (client: Client, records: ReadonlyArray<RunRecord>): Promise<Array<SendResult>> => {
-  if (records.length === 1) {
-    const [row] = await insertOne(client, records[0]!)
-    if (row !== undefined) return [{ id: Number(row.id), created: true }]
-  } else if (records.every((record) => record.idempotency_key === null)) {
-    const rows = await insertBatchWithoutKeys(client, records)
-    return rows.map((row) => Number(row.id)).sort((a, b) => a - b).map((id) => ({ id, created: true }))
-  }
-  const results: Array<SendResult> = new Array(records.length)
-  // Positions in `records` still to resolve.
-  let unresolved = records.map((_, i) => i)
-  for (let round = 0; unresolved.length > 0; round++) {
-    if (round === maxIdempotencyRounds) throw new IdempotencyChurn()
-    const positions = unresolved
-    const rows = await insertBatch(client, positions.map((i) => records[i]!))
-    unresolved = []
-    for (const row of rows) {
-      // ordinality counts from 1
-      const position = positions[Number(row.ord) - 1]!
-      if (row.id === null) unresolved.push(position)
-      else results[position] = { id: Number(row.id), created: row.created }
-    }
-  }
-  return results
-}
-
-class IdempotencyChurn extends Error {
-  constructor() {
-    super(`idempotency keys kept changing state over ${maxIdempotencyRounds} attempts`)
-  }
 }
 
 const toDatabaseError = (operation: string) => (cause: unknown): DatabaseError =>
@@ -235,75 +133,173 @@ const toDatabaseError = (operation: string) => (cause: unknown): DatabaseError =
     ? new DatabaseError({ operation, message: cause.message, retryable: true, cause })
     : DatabaseError.fromCause(operation, cause)
 
-export interface RunCount {
-  readonly queue: string
-  readonly status: string
-  readonly count: number
-}
+/** Longest `defer`: a year, as for a send's delay (a longer one is almost certainly a unit mistake). */
+export const maxDelayMs = 31_536_000_000
 
-/** A count over a very large table gives up rather than hold a connection for long. */
-export const countsTimeoutMs = 2_000
+const isDelay = (delayMs: unknown): boolean =>
+  typeof delayMs === "number" && Number.isFinite(delayMs) && delayMs >= 0 && delayMs <= maxDelayMs
 
-export class RunsQueue extends Context.Service<RunsQueue, {
-  readonly send: (input: SendRunInput, options?: SendOptions) => Effect.Effect<SendResult, InvalidRunInput | DatabaseError>
-  /** Writes the whole batch in one statement; answers in input order. Nothing is written if any run is invalid. */
-  readonly sendMany: (
-    inputs: ReadonlyArray<SendRunInput>,
-    options?: SendOptions
-  ) => Effect.Effect<ReadonlyArray<SendResult>, InvalidRunInput | DatabaseError>
-  /**
-   * How many runs each queue holds in each status (for /metrics). It reads the whole table, so it runs
-   * under a statement timeout (`countsTimeoutMs`) and callers should cache the answer.
-   */
-  readonly counts: Effect.Effect<ReadonlyArray<RunCount>, DatabaseError>
-}>()("runlane/RunsQueue") {
-  static readonly layer = Layer.effect(
-    RunsQueue,
-    Effect.gen(function*() {
-      const database = yield* Database
-      const sendError = toDatabaseError("RunsQueue.send")
-      const sendManyError = toDatabaseError("RunsQueue.sendMany")
+const make = Effect.fnUntraced(function*(database: Database["Service"], config: RunsConfig) {
+  const claimantId = `${config.claimantPrefix}:${randomUUID()}`
+  const sql = database.sql
+  const now = () => (config.now === undefined ? null : config.now().toISOString())
+  const sendError = toDatabaseError("RunsQueue.send")
+  const sendManyError = toDatabaseError("RunsQueue.sendMany")
 
-      // Plain Effect.suspend rather than Effect.fn: on this hot path Effect.fn's span and call-site
-      // capture measured ~70 µs per call, a fifth of a whole INSERT round trip (npm run bench).
-      // Callers who want a span wrap the call in Effect.withSpan.
-      const send = (input: SendRunInput, options?: SendOptions) =>
-        Effect.suspend((): Effect.Effect<SendResult, InvalidRunInput | DatabaseError> => {
-          const record = toRunRecord(input, 0, false)
-          if (record instanceof InvalidRunInput) return Effect.fail(record)
-          const client = clientOf(options?.tx, database.sql)
-          if (client instanceof InvalidRunInput) return Effect.fail(client)
-          return Effect.tryPromise({
-            try: () => writeRuns(client, [record]).then((results) => results[0]!),
-            catch: sendError
-          })
-        })
-
-      const sendMany = (inputs: ReadonlyArray<SendRunInput>, options?: SendOptions) =>
-        Effect.suspend((): Effect.Effect<ReadonlyArray<SendResult>, InvalidRunInput | DatabaseError> => {
-          if (inputs.length > maxBatchSize) {
-            return Effect.fail(new InvalidRunInput({ field: "inputs", message: `at most ${maxBatchSize} runs per batch` }))
-          }
-          const records: Array<RunRecord> = []
-          for (let i = 0; i < inputs.length; i++) {
-            const record = toRunRecord(inputs[i]!, i, true)
-            if (record instanceof InvalidRunInput) return Effect.fail(record)
-            records.push(record)
-          }
-          if (records.length === 0) return Effect.succeed([])
-          const client = clientOf(options?.tx, database.sql)
-          if (client instanceof InvalidRunInput) return Effect.fail(client)
-          return Effect.tryPromise({ try: () => writeRuns(client, records), catch: sendManyError })
-        })
-
-      const counts = database.use("RunsQueue.counts", (sql) =>
-        sql.begin(async (tx) => {
-          await tx`select set_config('statement_timeout', ${String(countsTimeoutMs)}, true)`
-          return tx<Array<RunCount>>`
-            select queue, status, count(*)::float8 as count from runs group by queue, status order by queue, status`
-        }))
-
-      return RunsQueue.of({ send, sendMany, counts })
+  // Plain Effect.suspend rather than Effect.fn: on this hot path Effect.fn's span and call-site
+  // capture measured ~70 µs per call, a fifth of a whole INSERT round trip (npm run bench).
+  // Callers who want a span wrap the call in Effect.withSpan.
+  const send = (input: SendRunInput, options?: SendOptions) =>
+    Effect.suspend((): Effect.Effect<SendResult, InvalidRunInput | DatabaseError> => {
+      const record = toRunRecord(input, 0, false)
+      if (record instanceof InvalidRunInput) return Effect.fail(record)
+      const client = clientOf(options?.tx, sql)
+      if (client instanceof InvalidRunInput) return Effect.fail(client)
+      return Effect.tryPromise({ try: () => writeRuns(client, [record]).then((results) => results[0]!), catch: sendError })
     })
-  )
-}
+
+  const sendMany = (inputs: ReadonlyArray<SendRunInput>, options?: SendOptions) =>
+    Effect.suspend((): Effect.Effect<ReadonlyArray<SendResult>, InvalidRunInput | DatabaseError> => {
+      if (inputs.length > maxBatchSize) {
+        return Effect.fail(new InvalidRunInput({ field: "inputs", message: `at most ${maxBatchSize} runs per batch` }))
+      }
+      const records: Array<RunRecord> = []
+      for (let i = 0; i < inputs.length; i++) {
+        const record = toRunRecord(inputs[i]!, i, true)
+        if (record instanceof InvalidRunInput) return Effect.fail(record)
+        records.push(record)
+      }
+      if (records.length === 0) return Effect.succeed([])
+      const client = clientOf(options?.tx, sql)
+      if (client instanceof InvalidRunInput) return Effect.fail(client)
+      return Effect.tryPromise({ try: () => writeRuns(client, records), catch: sendManyError })
+    })
+
+  // Claims and settles are called once per batch, so Effect.fn's span costs little per run here.
+  const claim = Effect.fn("RunsQueue.claim")(function*(queue: string, options: { readonly limit: number }) {
+    if (typeof queue !== "string" || queue.length === 0) {
+      return yield* new InvalidRunsArgument({ argument: "queue", message: "must be a non-empty string" })
+    }
+    const limit = options.limit
+    if (!Number.isInteger(limit) || limit < 1 || limit > maxClaimBatch) {
+      return yield* new InvalidRunsArgument({ argument: "limit", message: `must be a whole number from 1 to ${maxClaimBatch}, got ${limit}` })
+    }
+    return yield* database.use("RunsQueue.claim", () =>
+      claimRuns(sql, { queue, limit, claimant: claimantId, leaseMs: config.leaseMs, now: now() }))
+  })
+
+  /** Runs one guarded batch statement and sorts its answer into settled / cancelled / lost. */
+  const settle = (
+    operation: string,
+    ids: ReadonlyArray<number>,
+    statement: () => PromiseLike<ReadonlyArray<{ readonly id: string; readonly status: string }>>
+  ): Effect.Effect<SettleOutcome, DatabaseError> =>
+    ids.length === 0
+      ? Effect.succeed(settleOutcome(ids, []))
+      : Effect.map(database.use(`RunsQueue.${operation}`, statement), (rows) => settleOutcome(ids, rows)).pipe(
+        Effect.withSpan(`RunsQueue.${operation}`)
+      )
+
+  /** A batch of one, told as a typed failure when the run was lost or cancelled. */
+  const one = <E>(operation: string, runId: number, many: Effect.Effect<SettleOutcome, E>): One<E> =>
+    Effect.flatMap(many, (outcome): One<never> => {
+      if (outcome.lost.length > 0) return Effect.fail(new LeaseLost({ runId, operation }))
+      if (outcome.cancelled.length > 0) return Effect.fail(new RunCancelled({ runId }))
+      return Effect.void
+    })
+
+  /** A public batch: refused above maxClaimBatch runs, then settled. */
+  const many = <A>(runs: ReadonlyArray<A>, f: (runs: ReadonlyArray<A>) => Many): Many =>
+    runs.length > maxClaimBatch
+      ? Effect.fail(new InvalidRunsArgument({ argument: "runs", message: `at most ${maxClaimBatch} runs per call, got ${runs.length}` }))
+      : f(runs)
+
+  const idsOf = (runs: ReadonlyArray<RunRef>) => runs.map((run) => run.id)
+
+  const heartbeatIds = (ids: ReadonlyArray<number>) =>
+    settle("heartbeat", ids, () => runHeartbeatIfOwnedMany(sql, { ids, claimant: claimantId, leaseMs: config.leaseMs, now: now() }))
+  const completeIds = (ids: ReadonlyArray<number>) =>
+    settle("complete", ids, () => runCompleteIfOwnedMany(sql, { ids, claimant: claimantId, now: now() }))
+  const releaseIds = (ids: ReadonlyArray<number>) =>
+    settle("release", ids, () => runReleaseIfOwnedMany(sql, { ids, claimant: claimantId, now: now() }))
+  const failRuns = (runs: ReadonlyArray<{ readonly run: RunRef; readonly error: string }>) => {
+    const ids = runs.map((entry) => entry.run.id)
+    // PostgreSQL text cannot hold U+0000; an error message is diagnostics, so it is cleaned, not refused.
+    const messages = runs.map((entry) => String(entry.error).replaceAll("\u0000", "\uFFFD"))
+    return settle("fail", ids, () => runFailIfOwnedMany(sql, { ids, messages, claimant: claimantId, now: now() }))
+  }
+  const deferRuns = (runs: ReadonlyArray<{ readonly run: RunRef; readonly delayMs: number }>): Many => {
+    const bad = runs.findIndex((entry) => !isDelay(entry.delayMs))
+    if (bad >= 0) {
+      return Effect.fail(new InvalidRunsArgument({ argument: `delayMs of run ${bad}`, message: "must be a number of milliseconds from 0 to a year" }))
+    }
+    const ids = runs.map((entry) => entry.run.id)
+    const delaysMs = runs.map((entry) => entry.delayMs)
+    return settle("defer", ids, () => runDeferIfOwnedMany(sql, { ids, delaysMs, claimant: claimantId, now: now() }))
+  }
+
+  const cancel = Effect.fn("RunsQueue.cancel")(function*(runId: number) {
+    const rows = yield* database.use("RunsQueue.cancel", () => runCancel(sql, { id: runId, now: now() }))
+    const row = rows[0]
+    if (row === undefined) return yield* new RunNotFound({ runId })
+    if (!row.changed) return { _tag: "AlreadyFinal", status: row.status } as CancelOutcome
+    return (row.status === "cancelled" ? { _tag: "Cancelled" } : { _tag: "CancelRequested" }) as CancelOutcome
+  })
+
+  const sweep = Effect.gen(function*() {
+    const totals = { returned: 0, failed: 0, cancelled: 0 }
+    for (;;) {
+      const rows = yield* database.use("RunsQueue.sweep", () => runSweepExpiredLeases(sql, { limit: sweepBatch, now: now() }))
+      for (const row of rows) {
+        if (row.status === "pending") totals.returned++
+        else if (row.status === "failed") totals.failed++
+        else totals.cancelled++
+      }
+      if (rows.length < sweepBatch) return totals as SweepResult
+    }
+  }).pipe(Effect.withSpan("RunsQueue.sweep"))
+
+  const stats = (queue: string) =>
+    database.use("RunsQueue.stats", (pool) =>
+      pool.begin(async (tx) => {
+        await tx`select set_config('statement_timeout', ${String(countsTimeoutMs)}, true)`
+        const [row] = await runStatsForQueue(tx, { queue, now: now() })
+        return {
+          pending: row!.pending,
+          claimed: row!.claimed,
+          completed: row!.completed,
+          failed: row!.failed,
+          cancelled: row!.cancelled,
+          oldestPendingAgeMs: row!.oldest_pending_age_ms
+        } satisfies QueueStats
+      }))
+
+  const counts = database.use("RunsQueue.counts", (pool) =>
+    pool.begin(async (tx) => {
+      await tx`select set_config('statement_timeout', ${String(countsTimeoutMs)}, true)`
+      return tx<Array<RunCount>>`
+        select queue, status, count(*)::float8 as count from runs group by queue, status order by queue, status`
+    }))
+
+  return RunsQueue.of({
+    claimantId,
+    config,
+    send,
+    sendMany,
+    claim,
+    heartbeat: (run) => one("heartbeat", run.id, heartbeatIds([run.id])),
+    heartbeatMany: (runs) => many(runs, (batch) => heartbeatIds(idsOf(batch))),
+    complete: (run) => one("complete", run.id, completeIds([run.id])),
+    completeMany: (runs) => many(runs, (batch) => completeIds(idsOf(batch))),
+    fail: (run, error) => one("fail", run.id, failRuns([{ run, error }])),
+    failMany: (runs) => many(runs, failRuns),
+    defer: (run, delayMs) => one("defer", run.id, deferRuns([{ run, delayMs }])),
+    deferMany: (runs) => Effect.suspend(() => many(runs, deferRuns)),
+    release: (run) => one("release", run.id, releaseIds([run.id])),
+    releaseMany: (runs) => many(runs, (batch) => releaseIds(idsOf(batch))),
+    cancel,
+    sweep,
+    stats,
+    counts
+  })
+})

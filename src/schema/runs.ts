@@ -1,9 +1,10 @@
 /**
  * The `runs` table: one row per unit of agent work.
  *
- * A run moves pending -> claimed -> completed | failed | cancelled (a retry moves it from claimed back
- * to pending). The scope columns (organization_id, agent_id, conversation_id) are written on insert,
- * so ownership checks and per-conversation queries never have to look inside `action_input`.
+ * A run moves pending -> claimed -> completed | failed | cancelled (a retry, a deferral, a release or an
+ * expired lease moves it from claimed back to pending; a pending run can be cancelled). The scope
+ * columns (organization_id, agent_id, conversation_id) are written on insert, so ownership checks and
+ * per-conversation queries never have to look inside `action_input`.
  *
  * `legacy_scope` marks rows written by an older writer, which may hold their scope only in
  * `action_input`. The database defaults it to true; runlane's own inserts always write false, so a run
@@ -46,6 +47,10 @@ export const runs = pgTable(
     idempotencyKey: text("idempotency_key"),
     claimedBy: text("claimed_by"),
     claimedAt: timestamptz("claimed_at"),
+    // The claim is the sweep's to take back after this instant; a heartbeat moves it on.
+    leaseExpiresAt: timestamptz("lease_expires_at"),
+    // Set by cancel() on a claimed run: its worker's next heartbeat or settle ends it `cancelled`.
+    cancelRequestedAt: timestamptz("cancel_requested_at"),
     completedAt: timestamptz("completed_at"),
     errorMessage: text("error_message"),
     createdAt: timestamptz("created_at").notNull().defaultNow()
@@ -65,6 +70,19 @@ export const runs = pgTable(
     index("runs_claim_idx")
       .on(t.queue, t.priority.desc(), t.runAt, t.id)
       .where(sql`${t.status} = 'pending'`),
+    // At most one claimed run per conversation and queue, whatever the claimers' snapshots and clocks
+    // saw: the claim statement's own checks make a conflict rare, and the claim retries on one
+    // (runClaimAvailable.ts). agent_id may be NULL and '' is never a valid id, so coalesce makes NULL
+    // one conversation.
+    uniqueIndex("runs_conversation_claimed_uniq")
+      .on(t.queue, t.organizationId, sql`coalesce(${t.agentId}, '')`, t.conversationId)
+      .where(sql`${t.status} = 'claimed' and ${t.conversationId} is not null`),
+    // A conversation's pending runs of a queue in order: "is there an older pending run" is one index probe.
+    index("runs_conversation_pending_idx")
+      .on(t.queue, t.organizationId, sql`coalesce(${t.agentId}, '')`, t.conversationId, t.id)
+      .where(sql`${t.status} = 'pending' and ${t.conversationId} is not null`),
+    // The sweep: claims whose lease has run out.
+    index("runs_lease_idx").on(t.leaseExpiresAt).where(sql`${t.status} = 'claimed'`),
     // Idempotency keys dedupe per organization only while the run is not terminal.
     uniqueIndex("runs_idempotency_key_uniq")
       .on(t.organizationId, t.idempotencyKey)

@@ -35,15 +35,6 @@ describe("the routes as a web fetch handler", () => {
       await dispose()
     }
   })
-
-  it("refuses to build with an admin token under 16 characters, so an empty one cannot match a missing header", () => {
-    for (const adminToken of ["", "fifteen-chars-x"]) {
-      assert.throws(
-        () => makeFetchHandler(routeServicesLayer(), { adminToken: Redacted.make(adminToken) }),
-        /adminToken must be at least 16 characters/
-      )
-    }
-  })
 })
 
 describe("readiness", () => {
@@ -69,7 +60,8 @@ describe("readiness", () => {
     try {
       const pending = await handler(new Request("http://runlane.test/health/ready"))
       assert.strictEqual(pending.status, 503)
-      assert.match((await pending.json() as { error: string }).error, new RegExp(`${readJournal().length} migration\\(s\\) pending`))
+      // Every committed migration is pending on an empty database.
+      assert.include((await pending.json() as { error: string }).error, `${readJournal().length} migration(s) pending`)
       await migrate(database.url)
       const ready = await handler(new Request("http://runlane.test/health/ready"))
       assert.strictEqual(ready.status, 200)

@@ -177,6 +177,33 @@ layer(TestLayer, { excludeTestServices: true })("RunsQueue.sendMany", (it) => {
       assert.strictEqual(new Set(rows.map((row) => row.xid)).size, 1)
     }))
 
+  it.effect("writes each run's own options when only some runs of a batch set them", () =>
+    Effect.gen(function*() {
+      const queue = yield* RunsQueue
+      const expiresAt = new Date("2030-01-02T03:04:05.000Z")
+      const runAt = new Date("2031-05-06T07:08:09.123Z")
+      const results = yield* queue.sendMany([
+        base,
+        { ...base, priority: 4, maxAttempts: 7 },
+        { ...base, delayMs: 90_000, retryDelaySeconds: 12 },
+        { ...base, runAt, expiresAt }
+      ])
+      const rows = yield* Effect.forEach(results, (result) => readRun(result.id))
+      assert.deepStrictEqual(rows.map((row) => [row?.priority, row?.max_attempts, row?.retry_delay_seconds]), [
+        [0, 3, null],
+        [4, 7, null],
+        [0, 3, 12],
+        [0, 3, null]
+      ])
+      assert.strictEqual(Number(rows[0]?.delay_ms), 0)
+      assert.strictEqual(Number(rows[2]?.delay_ms), 90_000)
+      assert.strictEqual(new Date(rows[3]!.expires_at!).toISOString(), expiresAt.toISOString())
+      assert.isNull(rows[0]?.expires_at)
+      const { use } = yield* Database
+      const [row] = yield* use("test", (sql) => sql<Array<{ run_at: string }>>`select run_at::text from runs where id = ${results[3]!.id}`)
+      assert.strictEqual(new Date(row!.run_at).toISOString(), runAt.toISOString())
+    }))
+
   it.effect("dedupes keys inside the batch and against live runs", () =>
     Effect.gen(function*() {
       const queue = yield* RunsQueue

@@ -1,0 +1,259 @@
+/**
+ * RunWorker: the work loop. `start` runs a handler over one queue with a fixed concurrency, for the life
+ * of the caller's scope.
+ *
+ * Modes, each entered only from the one before:
+ * - running: the producer claims in batches sized to its free slots (never more runs than slots), then
+ *   waits for a NOTIFY of its queue, a freed slot or the poll interval, whichever comes first; it never
+ *   claims again without one of them, so it cannot spin. Finished handlers' settles are flushed in
+ *   batches: whatever finished while the previous flush ran goes in the next one.
+ * - stopping (the scope closes): the producer claims nothing new and ends; running handlers get
+ *   `stopTimeoutMs` to finish; the rest are interrupted and their runs released; the last settles are
+ *   flushed.
+ * A heartbeat fiber moves the leases of every claimed run forward every `heartbeatMs` and sweeps expired
+ * claims; a run found lost (LeaseLost) or cancelled has its handler interrupted and is not settled.
+ * Conversation locks are not taken here yet: the handler input is an object so a lock can join the run.
+ */
+import { Cause, Context, Deferred, Effect, Exit, Fiber, Layer, Queue, Scope } from "effect"
+import { Database } from "../db/Database.ts"
+import { DatabaseError } from "../db/DatabaseError.ts"
+import type { ClaimedRun } from "./claimRuns.ts"
+import { InvalidRunsArgument } from "./runErrors.ts"
+import { maxDelayMs, RunsQueue } from "./RunsQueue.ts"
+import { runsChannel } from "./runsChannel.ts"
+
+/** What a handler gets. An object, so the conversation lock, transcript and token can be added. */
+export interface RunHandlerInput {
+  readonly run: ClaimedRun
+}
+
+/** What a handler may answer besides success: run again later without spending an attempt, or now. */
+export type HandlerOutcome =
+  | void
+  | { readonly _tag: "Defer"; readonly delayMs: number }
+  | { readonly _tag: "Release" }
+
+export interface RunWorkerOptions<R> {
+  readonly queue: string
+  /** Success completes the run; a failure or defect fails it (retry or `failed`) with its message. */
+  readonly handler: (input: RunHandlerInput) => Effect.Effect<HandlerOutcome, unknown, R>
+  /** Handlers running at once, 1 to 1,000. Defaults to 10. */
+  readonly concurrency?: number | undefined
+  /** Longest wait between claims when no NOTIFY arrives. Defaults to 2,000 ms. */
+  readonly pollIntervalMs?: number | undefined
+  /** How long stopping waits for running handlers before interrupting them. Defaults to 30,000 ms. */
+  readonly stopTimeoutMs?: number | undefined
+}
+
+export const workerDefaults = { concurrency: 10, pollIntervalMs: 2_000, stopTimeoutMs: 30_000 } as const
+
+/** After a failed claim or settle, the loop waits this long before trying again, so an outage is not hammered. */
+const retryAfterErrorMs = 1_000
+
+type Settle =
+  | { readonly _tag: "Complete"; readonly run: ClaimedRun }
+  | { readonly _tag: "Fail"; readonly run: ClaimedRun; readonly error: string }
+  | { readonly _tag: "Defer"; readonly run: ClaimedRun; readonly delayMs: number }
+  | { readonly _tag: "Release"; readonly run: ClaimedRun }
+
+/** Why a handler was interrupted: lost and cancelled runs are not settled; stopped ones are released. */
+type InterruptReason = "lost" | "cancelled" | "stop"
+
+/** The error text stored with a failed attempt. */
+const describeFailure = (cause: Cause.Cause<unknown>): string => {
+  const error = Cause.squash(cause)
+  if (error instanceof Error) return `${error.name}: ${error.message}`
+  if (typeof error === "object" && error !== null && "_tag" in error) return String((error as { _tag: unknown })._tag)
+  return String(error)
+}
+
+const isDelay = (delayMs: unknown): boolean =>
+  typeof delayMs === "number" && Number.isFinite(delayMs) && delayMs >= 0 && delayMs <= maxDelayMs
+
+const checkCount = (argument: string, value: number, min: number, max: number) =>
+  Number.isInteger(value) && value >= min && value <= max
+    ? undefined
+    : new InvalidRunsArgument({ argument, message: `must be a whole number from ${min} to ${max}, got ${value}` })
+
+export class RunWorker extends Context.Service<RunWorker, {
+  /** Starts working `options.queue`; closing the caller's scope stops it gracefully. */
+  readonly start: <R>(options: RunWorkerOptions<R>) => Effect.Effect<void, InvalidRunsArgument, Scope.Scope | R>
+}>()("runlane/RunWorker") {
+  /** One LISTEN connection per process (postgres.js's listener of the pool), shared by every worker. */
+  static readonly layer = Layer.effect(
+    RunWorker,
+    Effect.gen(function*() {
+      const queue = yield* RunsQueue
+      const { sql } = yield* Database
+      const wakers = new Map<string, Set<() => void>>()
+      yield* Effect.acquireRelease(
+        Effect.tryPromise({
+          try: () => sql.listen(runsChannel, (payload) => wakers.get(payload)?.forEach((wake) => wake())),
+          catch: (cause) => DatabaseError.fromCause("RunWorker.listen", cause)
+        }),
+        (listening) => Effect.promise(() => listening.unlisten()).pipe(Effect.timeoutOption(2_000), Effect.ignore)
+      )
+      const start = <R>(options: RunWorkerOptions<R>) =>
+        Effect.gen(function*() {
+          const concurrency = options.concurrency ?? workerDefaults.concurrency
+          const pollIntervalMs = options.pollIntervalMs ?? workerDefaults.pollIntervalMs
+          const stopTimeoutMs = options.stopTimeoutMs ?? workerDefaults.stopTimeoutMs
+          const bad = checkCount("concurrency", concurrency, 1, 1_000) ??
+            checkCount("pollIntervalMs", pollIntervalMs, 1, 3_600_000) ??
+            checkCount("stopTimeoutMs", stopTimeoutMs, 0, 3_600_000)
+          if (bad !== undefined) return yield* bad
+
+          const scope = yield* Scope.make()
+          const signal = yield* Queue.sliding<void>(1)
+          const settleSignal = yield* Queue.sliding<void>(1)
+          const wake = () => void Queue.offerUnsafe(signal, undefined)
+          // Runs this worker holds, from the claim until their settle commits: the slots in use.
+          const inFlight = new Set<number>()
+          const fibers = new Map<number, Fiber.Fiber<void>>()
+          const reasons = new Map<number, InterruptReason>()
+          const pending: Array<Settle> = []
+          let stopping = false
+          let drained: Deferred.Deferred<void> | undefined
+
+          const freeSlot = (id: number) => {
+            inFlight.delete(id)
+            fibers.delete(id)
+            reasons.delete(id)
+            if (drained !== undefined && inFlight.size === 0) Deferred.doneUnsafe(drained, Effect.void)
+            wake()
+          }
+          const settleLater = (settle: Settle) => {
+            pending.push(settle)
+            Queue.offerUnsafe(settleSignal, undefined)
+          }
+
+          /** Settles everything finished so far, one statement per kind; retried later if the database fails. */
+          // Uninterruptible: a batch taken from `pending` is settled or put back, never dropped.
+          const flush = Effect.uninterruptible(Effect.gen(function*() {
+            const batch = pending.splice(0)
+            if (batch.length === 0) return
+            const of = <T extends Settle["_tag"]>(tag: T) => batch.filter((s): s is Extract<Settle, { _tag: T }> => s._tag === tag)
+            const result = yield* Effect.all([
+              queue.completeMany(of("Complete").map((s) => s.run)),
+              queue.failMany(of("Fail").map((s) => ({ run: s.run, error: s.error }))),
+              queue.deferMany(of("Defer").map((s) => ({ run: s.run, delayMs: s.delayMs }))),
+              queue.releaseMany(of("Release").map((s) => s.run))
+            ]).pipe(Effect.exit)
+            if (Exit.isFailure(result)) {
+              pending.unshift(...batch)
+              yield* Effect.logWarning("Run settle failed; retrying", result.cause)
+              yield* Effect.sleep(retryAfterErrorMs)
+              // Nothing else may signal: the batch is retried on its own.
+              return void Queue.offerUnsafe(settleSignal, undefined)
+            }
+            // Lost and cancelled runs need nothing more: the database has already decided their fate.
+            for (const settle of batch) freeSlot(settle.run.id)
+          }))
+
+          const settleExit = (run: ClaimedRun, exit: Exit.Exit<HandlerOutcome, unknown>) =>
+            Effect.sync(() => {
+              const reason = reasons.get(run.id)
+              if (Exit.isSuccess(exit)) {
+                const outcome = exit.value
+                if (outcome === undefined) settleLater({ _tag: "Complete", run })
+                else if (outcome._tag === "Release") settleLater({ _tag: "Release", run })
+                else if (outcome._tag === "Defer" && isDelay(outcome.delayMs)) {
+                  settleLater({ _tag: "Defer", run, delayMs: outcome.delayMs })
+                } else {
+                  // A bad delay would make deferMany refuse the whole batch, so it fails this run alone.
+                  const answer = JSON.stringify(outcome)
+                  settleLater({ _tag: "Fail", run, error: `the handler answered ${answer}: not void, Release, or Defer of 0 ms to a year` })
+                }
+              } else if (reason === "lost" || reason === "cancelled") {
+                freeSlot(run.id)
+              } else if (reason === "stop" || Cause.hasInterruptsOnly(exit.cause)) {
+                settleLater({ _tag: "Release", run })
+              } else {
+                settleLater({ _tag: "Fail", run, error: describeFailure(exit.cause) })
+              }
+            })
+
+          // onExit runs on interruption too; the fiber's own failure has been turned into a settle.
+          const handle = (run: ClaimedRun) =>
+            options.handler({ run }).pipe(Effect.onExit((exit) => settleExit(run, exit)), Effect.exit, Effect.asVoid)
+
+          const interrupt = (ids: ReadonlyArray<number>, reason: InterruptReason) =>
+            Effect.forEach(ids, (id) => {
+              const fiber = fibers.get(id)
+              if (fiber === undefined) return Effect.void
+              reasons.set(id, reason)
+              return Fiber.interrupt(fiber)
+            }, { discard: true })
+
+          const producer = Effect.gen(function*() {
+            while (!stopping) {
+              const free = concurrency - inFlight.size
+              let claimed = 0
+              if (free > 0) {
+                // Uninterruptible: a claim whose answer were dropped would leave its runs claimed until
+                // their lease ran out. Stopping waits for it and handles what it claimed.
+                const runs = yield* Effect.uninterruptible(queue.claim(options.queue, { limit: free })).pipe(
+                  Effect.catch((error) =>
+                    Effect.logWarning("Run claim failed", error).pipe(Effect.andThen(Effect.sleep(retryAfterErrorMs)), Effect.as([]))
+                  )
+                )
+                for (const run of runs) {
+                  // The slot is taken before the fork, so a handler that ends at once cannot free it first.
+                  inFlight.add(run.id)
+                  const fiber = yield* Effect.forkIn(handle(run), scope)
+                  if (inFlight.has(run.id)) fibers.set(run.id, fiber)
+                }
+                claimed = runs.length
+              }
+              if (claimed > 0 && claimed === free) continue
+              yield* Queue.take(signal).pipe(Effect.timeoutOption(pollIntervalMs))
+            }
+          })
+
+          const settler = Effect.forever(Queue.take(settleSignal).pipe(Effect.andThen(flush)))
+
+          const heartbeat = Effect.gen(function*() {
+            for (;;) {
+              yield* Effect.sleep(queue.config.heartbeatMs)
+              const ids = [...inFlight.keys()].filter((id) => !reasons.has(id))
+              const outcome = yield* queue.heartbeatMany(ids.map((id) => ({ id }))).pipe(Effect.exit)
+              if (Exit.isSuccess(outcome)) {
+                yield* interrupt(outcome.value.lost, "lost")
+                yield* interrupt(outcome.value.cancelled, "cancelled")
+              } else {
+                yield* Effect.logWarning("Run heartbeat failed", outcome.cause)
+              }
+              yield* queue.sweep.pipe(Effect.catchCause((cause) => Effect.logWarning("Run sweep failed", cause)))
+            }
+          })
+
+          const registered = wakers.get(options.queue) ?? new Set()
+          registered.add(wake)
+          wakers.set(options.queue, registered)
+          const producerFiber = yield* Effect.forkIn(producer, scope)
+          const settlerFiber = yield* Effect.forkIn(settler, scope)
+          const heartbeatFiber = yield* Effect.forkIn(heartbeat, scope)
+
+          const stop = Effect.gen(function*() {
+            stopping = true
+            registered.delete(wake)
+            wake()
+            yield* Fiber.join(producerFiber).pipe(Effect.ignore)
+            drained = yield* Deferred.make<void>()
+            if (inFlight.size > 0) {
+              yield* Deferred.await(drained).pipe(Effect.timeoutOption(stopTimeoutMs))
+              yield* interrupt([...inFlight.keys()].filter((id) => !reasons.has(id)), "stop")
+            }
+            yield* Fiber.interrupt(settlerFiber)
+            yield* Fiber.interrupt(heartbeatFiber)
+            // The settler may have been interrupted mid-flush; whatever it had not settled is pending again.
+            for (let round = 0; pending.length > 0 && round < 3; round++) yield* flush
+            yield* Scope.close(scope, Exit.void)
+          })
+          yield* Effect.addFinalizer(() => stop)
+        }).pipe(Effect.annotateLogs({ module: "runlane/RunWorker", queue: options.queue }))
+
+      return RunWorker.of({ start })
+    })
+  )
+}

@@ -1,0 +1,69 @@
+/**
+ * claimRuns: runs runClaimAvailable, again when the conversation index refused a claim, and shapes the
+ * rows as ClaimedRun in claim order.
+ */
+import type { ClaimParameters, ClaimedRunRow } from "./sql/runClaimAvailable.ts"
+import { runClaimAvailable } from "./sql/runClaimAvailable.ts"
+import type { RunsClient } from "./sql/runsClient.ts"
+import type { JsonObject } from "../schema/runs.ts"
+
+export interface ClaimedRun {
+  readonly id: number
+  readonly queue: string
+  readonly organizationId: string
+  readonly agentId: string | null
+  readonly conversationId: string | null
+  readonly payload: JsonObject
+  readonly priority: number
+  /** Attempts already spent (failed or lost) before this one. */
+  readonly attempts: number
+  readonly maxAttempts: number
+  readonly runAt: Date
+  readonly claimedAt: Date
+  readonly leaseExpiresAt: Date
+}
+
+/**
+ * Statements per claim at most. A conflict means another claimer committed a claim of the same
+ * conversation while this statement ran (see runClaimAvailable.ts); the next statement's snapshot sees
+ * it. Two conflicts in a row need two such commits within two statements: three rounds, then the error.
+ */
+const maxClaimRounds = 3
+
+const conversationIndex = "runs_conversation_claimed_uniq"
+
+/** unique_violation on the conversation index, or a deadlock between two claimers waiting on it. */
+const isClaimConflict = (cause: unknown): boolean => {
+  const error = cause as { code?: unknown; constraint_name?: unknown }
+  return (error.code === "23505" && error.constraint_name === conversationIndex) || error.code === "40P01"
+}
+
+const toClaimedRun = (row: ClaimedRunRow): ClaimedRun => ({
+  id: Number(row.id),
+  queue: row.queue,
+  organizationId: row.organization_id,
+  agentId: row.agent_id,
+  conversationId: row.conversation_id,
+  payload: row.action_input as JsonObject,
+  priority: row.priority,
+  attempts: row.attempts,
+  maxAttempts: row.max_attempts,
+  runAt: new Date(row.run_at),
+  claimedAt: new Date(row.claimed_at),
+  leaseExpiresAt: new Date(row.lease_expires_at)
+})
+
+/** UPDATE ... RETURNING answers in no particular order; callers get the claim order. */
+const claimOrder = (a: ClaimedRun, b: ClaimedRun): number =>
+  b.priority - a.priority || a.runAt.getTime() - b.runAt.getTime() || a.id - b.id
+
+export const claimRuns = async (client: RunsClient, p: ClaimParameters): Promise<Array<ClaimedRun>> => {
+  for (let round = 1; ; round++) {
+    try {
+      const rows = await runClaimAvailable(client, p)
+      return rows.map(toClaimedRun).sort(claimOrder)
+    } catch (cause) {
+      if (round >= maxClaimRounds || !isClaimConflict(cause)) throw cause
+    }
+  }
+}

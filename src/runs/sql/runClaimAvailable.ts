@@ -1,0 +1,88 @@
+/**
+ * runClaimAvailable: claims up to `limit` runs of one queue in one statement.
+ *
+ * Shape: `WITH candidates AS (SELECT ... ORDER BY priority DESC, run_at, id LIMIT n FOR UPDATE OF r
+ * SKIP LOCKED) UPDATE runs ... FROM candidates RETURNING ...`, as graphile-worker's getJobs and River's
+ * JobGetAvailable. A run is a candidate when it is pending, due (run_at <= now) and not expired; a run
+ * with a conversation only when it is that conversation's oldest live pending run (by id) in the queue
+ * and no run of the conversation is claimed in the queue, so a conversation's runs of one queue run in
+ * order and one at a time. Per queue, not across queues: a queue without workers must not stall the
+ * conversation's runs in every other queue, and a handler that waits for a run of its conversation in
+ * another queue must not deadlock. Across queues the conversation lock is the guarantee.
+ *
+ * Why those checks cannot be the guarantee alone: they read the statement's snapshot, taken before the
+ * row locks. Two claimers can still see two different runs of one conversation as eligible when a run
+ * with a smaller id commits late (concurrent producers) or when their clocks disagree on whether the
+ * oldest run has expired. The unique index runs_conversation_claimed_uniq makes a second claimed run of
+ * a conversation impossible: the later claimer waits for the earlier one's commit and fails with
+ * unique_violation (23505), and `claimRuns` runs the statement again, when the checks see the claim.
+ * Expired runs are not "older": an expired run is never claimed and must not block its conversation.
+ */
+import type { NowParameter, RunsClient } from "./runsClient.ts"
+
+export interface ClaimedRunRow {
+  readonly id: string
+  readonly queue: string
+  readonly organization_id: string
+  readonly agent_id: string | null
+  readonly conversation_id: string | null
+  readonly action_input: unknown
+  readonly priority: number
+  readonly attempts: number
+  readonly max_attempts: number
+  readonly run_at: string
+  readonly claimed_at: string
+  readonly lease_expires_at: string
+}
+
+export interface ClaimParameters {
+  readonly queue: string
+  readonly limit: number
+  readonly claimant: string
+  readonly leaseMs: number
+  readonly now: NowParameter
+}
+
+export const runClaimAvailable = (client: RunsClient, p: ClaimParameters) =>
+  client<Array<ClaimedRunRow>>`
+    with clock as (select coalesce(${p.now}::text::timestamptz, now()) as now),
+    candidates as (
+      select r.id
+        from runs r, clock
+       where r.status = 'pending'
+         and r.queue = ${p.queue}
+         and r.run_at <= clock.now
+         and (r.expires_at is null or r.expires_at > clock.now)
+         and (
+           r.conversation_id is null
+           or (
+             not exists (
+               select 1 from runs c
+                where c.status = 'claimed' and c.conversation_id is not null
+                  and c.queue = r.queue and c.organization_id = r.organization_id
+                  and coalesce(c.agent_id, '') = coalesce(r.agent_id, '')
+                  and c.conversation_id = r.conversation_id)
+             and not exists (
+               select 1 from runs o
+                where o.status = 'pending' and o.conversation_id is not null
+                  and o.queue = r.queue and o.organization_id = r.organization_id
+                  and coalesce(o.agent_id, '') = coalesce(r.agent_id, '')
+                  and o.conversation_id = r.conversation_id
+                  and o.id < r.id
+                  and (o.expires_at is null or o.expires_at > clock.now))
+           )
+         )
+       order by r.priority desc, r.run_at, r.id
+       limit ${p.limit}
+         for update of r skip locked
+    )
+    update runs r
+       set status = 'claimed',
+           claimed_by = ${p.claimant},
+           claimed_at = clock.now,
+           lease_expires_at = clock.now + ${p.leaseMs}::float8 * interval '1 millisecond'
+      from candidates, clock
+     where r.id = candidates.id
+    returning r.id::text, r.queue, r.organization_id, r.agent_id, r.conversation_id, r.action_input,
+              r.priority, r.attempts, r.max_attempts, r.run_at::text, r.claimed_at::text,
+              r.lease_expires_at::text`

@@ -1,0 +1,27 @@
+/**
+ * runCompleteIfOwnedMany: settles the claimant's runs as completed, in one statement.
+ *
+ * Shape: graphile-worker's completeJobs and River's JobSetStateIfRunningMany: ids as one array, the
+ * owner checked in WHERE, and RETURNING naming exactly the runs that were still owned. A run whose
+ * cancellation was requested while it ran ends `cancelled` instead, and says so.
+ */
+import type { OwnedBatch, RunsClient } from "./runsClient.ts"
+
+export interface SettledRow {
+  readonly id: string
+  readonly status: string
+}
+
+export const runCompleteIfOwnedMany = (
+  client: RunsClient,
+  p: OwnedBatch
+) =>
+  client<Array<SettledRow>>`
+    with clock as (select coalesce(${p.now}::text::timestamptz, now()) as now)
+    update runs r
+       set status = case when r.cancel_requested_at is null then 'completed' else 'cancelled' end,
+           completed_at = clock.now,
+           claimed_by = null, claimed_at = null, lease_expires_at = null
+      from clock
+     where r.id = any(${p.ids as Array<number>}::bigint[]) and r.status = 'claimed' and r.claimed_by = ${p.claimant}
+    returning r.id::text, r.status`

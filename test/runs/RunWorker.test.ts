@@ -1,0 +1,183 @@
+import { assert, layer } from "@effect/vitest"
+import { Effect, Layer, Scope, Exit } from "effect"
+import { Database } from "../../src/db/Database.ts"
+import { DatabaseError } from "../../src/db/DatabaseError.ts"
+import { InvalidRunsArgument } from "../../src/runs/runErrors.ts"
+import { RunWorker, type RunHandlerInput, type RunWorkerOptions } from "../../src/runs/RunWorker.ts"
+import { RunsQueue } from "../../src/runs/RunsQueue.ts"
+import { eventually } from "../support/lockHarness.ts"
+import { freshQueue, readRun, runInput } from "../support/runsHarness.ts"
+import { testDatabaseLayer } from "../support/testDatabase.ts"
+
+/**
+ * The real RunsQueue seen through the harness: claims are counted (to show the loop claims only when it
+ * has reason to), and the next `completeFaults` batch completes fail as a lost connection would.
+ */
+let claims = 0
+let completeFaults = 0
+const CountingQueue = Layer.effect(
+  RunsQueue,
+  Effect.gen(function*() {
+    const queue = yield* RunsQueue
+    return RunsQueue.of({
+      ...queue,
+      claim: (q, options) => Effect.suspend(() => (claims++, queue.claim(q, options))),
+      completeMany: (runs) =>
+        Effect.suspend(() => {
+          if (completeFaults === 0 || runs.length === 0) return queue.completeMany(runs)
+          completeFaults--
+          return Effect.fail(new DatabaseError({ operation: "RunsQueue.complete", message: "injected", retryable: true, cause: null }))
+        })
+    })
+  })
+).pipe(Layer.provideMerge(RunsQueue.layerWith({ leaseMs: 3_000, heartbeatMs: 1_000 })))
+
+const TestLayer = RunWorker.layer.pipe(Layer.provideMerge(CountingQueue), Layer.provideMerge(testDatabaseLayer()))
+
+const statuses = (q: string) =>
+  Effect.gen(function*() {
+    const { use } = yield* Database
+    const rows = yield* use("test.statuses", (sql) =>
+      sql<Array<{ status: string; n: number }>>`select status, count(*)::int as n from runs where queue = ${q} group by status`)
+    return Object.fromEntries(rows.map((row) => [row.status, row.n]))
+  })
+
+/** Starts a worker in a scope of its own; closing that scope stops it. */
+const startWorker = (options: RunWorkerOptions<never>) =>
+  Effect.gen(function*() {
+    const worker = yield* RunWorker
+    const scope = yield* Scope.make()
+    yield* worker.start(options).pipe(Scope.provide(scope))
+    return { stop: Scope.close(scope, Exit.void) }
+  })
+
+layer(TestLayer, { excludeTestServices: true })("RunWorker", (it) => {
+  it.effect("processes every run with at most `concurrency` handlers at once, claiming in batches", () =>
+    Effect.gen(function*() {
+      const queue = yield* RunsQueue
+      const q = freshQueue("work")
+      yield* queue.sendMany(Array.from({ length: 60 }, (_, i) => runInput(q, { payload: { i } })))
+      let running = 0
+      let most = 0
+      const seen = new Set<number>()
+      claims = 0
+      const worker = yield* startWorker({
+        queue: q,
+        concurrency: 4,
+        handler: ({ run }: RunHandlerInput) =>
+          Effect.gen(function*() {
+            running++
+            most = Math.max(most, running)
+            seen.add(run.payload["i"] as number)
+            yield* Effect.yieldNow
+            running--
+          })
+      })
+      yield* eventually("all 60 runs completed", Effect.map(statuses(q), (s) => s["completed"] === 60), 15_000)
+      yield* worker.stop
+      assert.strictEqual(seen.size, 60)
+      assert.isAtMost(most, 4)
+      // 60 runs in claims of up to 4 free slots: far fewer claims than runs, and no spinning while idle.
+      assert.isBelow(claims, 60)
+    }))
+
+  it.effect("a failing handler spends the attempt and stores its error; a Defer spends none", () =>
+    Effect.gen(function*() {
+      const queue = yield* RunsQueue
+      const q = freshQueue("fail")
+      const [failing, deferred] = yield* queue.sendMany([
+        runInput(q, { payload: { kind: "fail" }, retryDelaySeconds: 3_600 }),
+        runInput(q, { payload: { kind: "defer" } })
+      ])
+      const worker = yield* startWorker({
+        queue: q,
+        handler: ({ run }: RunHandlerInput) =>
+          run.payload["kind"] === "fail"
+            ? Effect.fail(new Error("model refused"))
+            : Effect.succeed({ _tag: "Defer", delayMs: 3_600_000 } as const)
+      })
+      yield* eventually("both settled", Effect.map(statuses(q), (s) => s["pending"] === 2), 10_000)
+      yield* worker.stop
+      const failed = yield* readRun(failing!.id)
+      assert.strictEqual(failed.attempts, 1)
+      assert.strictEqual(failed.error_message, "Error: model refused")
+      const later = yield* readRun(deferred!.id)
+      assert.strictEqual(later.attempts, 0)
+      assert.isNull(later.error_message)
+    }))
+
+  it.effect("a settle the database refused is retried until the runs are completed", () =>
+    Effect.gen(function*() {
+      const queue = yield* RunsQueue
+      const q = freshQueue("retry-settle")
+      yield* queue.sendMany(Array.from({ length: 3 }, () => runInput(q)))
+      completeFaults = 2
+      const worker = yield* startWorker({ queue: q, handler: () => Effect.void })
+      yield* eventually("all completed after two refused settles", Effect.map(statuses(q), (s) => s["completed"] === 3), 10_000)
+      yield* worker.stop
+      assert.strictEqual(completeFaults, 0)
+    }))
+
+  it.effect("wakes on NOTIFY rather than waiting for its poll", () =>
+    Effect.gen(function*() {
+      const queue = yield* RunsQueue
+      const q = freshQueue("notify")
+      const worker = yield* startWorker({ queue: q, pollIntervalMs: 600_000, handler: () => Effect.void })
+      // Let the worker make its first (empty) claim and go to sleep on the ten-minute poll.
+      claims = 0
+      yield* eventually("the first claim", Effect.sync(() => claims > 0))
+      const { id } = yield* queue.send(runInput(q))
+      yield* eventually("the run completed long before the poll", Effect.map(readRun(id), (r) => r.status === "completed"))
+      yield* worker.stop
+    }))
+
+  it.effect("stopping waits for running handlers, then interrupts the rest and releases their runs", () =>
+    Effect.gen(function*() {
+      const queue = yield* RunsQueue
+      const q = freshQueue("stop")
+      const [quick, stuck] = yield* queue.sendMany([runInput(q, { payload: { kind: "quick" } }), runInput(q, { payload: { kind: "stuck" } })])
+      let started = 0
+      const worker = yield* startWorker({
+        queue: q,
+        stopTimeoutMs: 300,
+        handler: ({ run }: RunHandlerInput) =>
+          Effect.gen(function*() {
+            started++
+            if (run.payload["kind"] === "stuck") return yield* Effect.never
+            yield* Effect.sleep(50)
+          })
+      })
+      yield* eventually("both handlers running", Effect.sync(() => started === 2))
+      yield* worker.stop
+      assert.strictEqual((yield* readRun(quick!.id)).status, "completed")
+      const released = yield* readRun(stuck!.id)
+      assert.strictEqual(released.status, "pending")
+      assert.strictEqual(released.attempts, 0)
+      assert.isNull(released.claimed_by)
+    }))
+
+  it.effect("a run cancelled while its handler runs: the handler is interrupted and the run ends cancelled", () =>
+    Effect.gen(function*() {
+      const queue = yield* RunsQueue
+      const q = freshQueue("cancel")
+      const { id } = yield* queue.send(runInput(q))
+      let interrupted = false
+      const worker = yield* startWorker({
+        queue: q,
+        handler: () => Effect.never.pipe(Effect.onInterrupt(() => Effect.sync(() => (interrupted = true))))
+      })
+      yield* eventually("claimed", Effect.map(readRun(id), (r) => r.status === "claimed"))
+      assert.deepStrictEqual(yield* queue.cancel(id), { _tag: "CancelRequested" })
+      // The next heartbeat (every second here) ends it.
+      yield* eventually("cancelled and the handler interrupted", Effect.map(readRun(id), (r) => r.status === "cancelled" && interrupted))
+      yield* worker.stop
+    }))
+
+  it.effect("refuses a concurrency outside 1-1,000, naming it", () =>
+    Effect.gen(function*() {
+      const worker = yield* RunWorker
+      const error = yield* Effect.flip(Effect.scoped(worker.start({ queue: "q", concurrency: 0, handler: () => Effect.void })))
+      assert.instanceOf(error, InvalidRunsArgument)
+      assert.strictEqual((error as InvalidRunsArgument).argument, "concurrency")
+    }))
+})
