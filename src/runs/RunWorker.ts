@@ -12,19 +12,35 @@
  *   flushed.
  * A heartbeat fiber moves the leases of every claimed run forward every `heartbeatMs` and sweeps expired
  * claims; a run found lost (LeaseLost) or cancelled has its handler interrupted and is not settled.
- * Conversation locks are not taken here yet: the handler input is an object so a lock can join the run.
+ * A run with a conversation runs under the conversation's lock when ConversationLocks is provided: the
+ * lock is taken before the handler starts and kept for the conversation's next runs (conversationSeats.ts);
+ * a conversation held elsewhere, or the lock cap reached, defers the run by `busyDeferMs` without
+ * spending an attempt; a lock lost mid-run interrupts the handler and releases the run, never completing
+ * it. The handler also gets the conversation's latest completed transcript (with TranscriptSnapshots) and
+ * the run's worker token (with WorkerTokens).
  */
-import { Cause, Context, Deferred, Effect, Exit, Fiber, Layer, Queue, Scope } from "effect"
+import { Cause, Config, Context, Deferred, Effect, Exit, Fiber, Layer, Option, Queue, Scope } from "effect"
 import { Database } from "../db/Database.ts"
 import { DatabaseError } from "../db/DatabaseError.ts"
+import { type ConversationLock, ConversationLocks } from "../locks/ConversationLocks.ts"
+import type { ConversationKey } from "../locks/lockKey.ts"
+import { WorkerTokens } from "../ownership/WorkerTokens.ts"
+import { TranscriptSnapshots } from "../snapshots/TranscriptSnapshots.ts"
+import { makeConversationSeats } from "./conversationSeats.ts"
 import type { ClaimedRun } from "./claimRuns.ts"
 import { InvalidRunsArgument } from "./runErrors.ts"
 import { maxDelayMs, RunsQueue } from "./RunsQueue.ts"
 import { runsChannel } from "./runsChannel.ts"
 
-/** What a handler gets. An object, so the conversation lock, transcript and token can be added. */
+/** What a handler gets. */
 export interface RunHandlerInput {
   readonly run: ClaimedRun
+  /** The conversation's lock, held for the whole handler; undefined without a conversation or without locks. */
+  readonly lock: ConversationLock | undefined
+  /** The conversation's latest completed transcript, to hydrate from; none without one (or without snapshots). */
+  readonly transcript: Option.Option<string>
+  /** The run's worker token, to upload its transcript; undefined without a conversation or without tokens. */
+  readonly token: string | undefined
 }
 
 /** What a handler may answer besides success: run again later without spending an attempt, or now. */
@@ -46,6 +62,20 @@ export interface RunWorkerOptions<R> {
 }
 
 export const workerDefaults = { concurrency: 10, pollIntervalMs: 2_000, stopTimeoutMs: 30_000 } as const
+
+/**
+ * Conversation seats: RUNLANE_CONVERSATION_IDLE_MS (a held conversation with no run for this long is let
+ * go; default 30 s), RUNLANE_CONVERSATION_MAX_HOLD_MS (one held longer is let go after its run; default
+ * an hour, as the reference system's conversation workers), and how long a run whose conversation is
+ * busy, or whose lock the cap refused, waits before it is claimable again (1 s).
+ */
+export const conversationDefaults = { idleMs: 30_000, maxHoldMs: 3_600_000, busyDeferMs: 1_000 } as const
+
+/** A run's conversation lock key: organization, agent (none is '', as in the claim) and conversation. */
+const conversationOf = (run: ClaimedRun): ConversationKey | undefined =>
+  run.conversationId === null
+    ? undefined
+    : { organizationId: run.organizationId, agentId: run.agentId ?? "", conversationId: run.conversationId }
 
 /** After a failed claim or settle, the loop waits this long before trying again, so an outage is not hammered. */
 const retryAfterErrorMs = 1_000
@@ -85,6 +115,19 @@ export class RunWorker extends Context.Service<RunWorker, {
     Effect.gen(function*() {
       const queue = yield* RunsQueue
       const { sql } = yield* Database
+      const locks = yield* Effect.serviceOption(ConversationLocks)
+      const snapshots = yield* Effect.serviceOption(TranscriptSnapshots)
+      const tokens = yield* Effect.serviceOption(WorkerTokens)
+      const idleMs = yield* Config.Int("RUNLANE_CONVERSATION_IDLE_MS").pipe(Config.withDefault(conversationDefaults.idleMs))
+      const maxHoldMs = yield* Config.Int("RUNLANE_CONVERSATION_MAX_HOLD_MS").pipe(
+        Config.withDefault(conversationDefaults.maxHoldMs)
+      )
+      const badSeat = checkCount("RUNLANE_CONVERSATION_IDLE_MS", idleMs, 0, 86_400_000) ??
+        checkCount("RUNLANE_CONVERSATION_MAX_HOLD_MS", maxHoldMs, 0, 86_400_000)
+      if (badSeat !== undefined) return yield* badSeat
+      const seats = Option.isSome(locks)
+        ? yield* makeConversationSeats(locks.value, { idleMs, maxHoldMs })
+        : undefined
       const wakers = new Map<string, Set<() => void>>()
       yield* Effect.acquireRelease(
         Effect.tryPromise({
@@ -173,9 +216,46 @@ export class RunWorker extends Context.Service<RunWorker, {
               }
             })
 
+          /** The handler under `lock`: a loss interrupts it and the run is released, never completed. */
+          const work = (run: ClaimedRun, key: ConversationKey | undefined, lock: ConversationLock | undefined) =>
+            Effect.gen(function*() {
+              const transcript = key !== undefined && Option.isSome(snapshots)
+                ? yield* snapshots.value.latest(key).pipe(
+                  Effect.catch((error) => Effect.logWarning("Transcript for hydration not read", error).pipe(Effect.as(Option.none())))
+                )
+                : Option.none<string>()
+              const token = key !== undefined && key.agentId !== "" && Option.isSome(tokens)
+                ? yield* tokens.value.mintRunToken(key, run.id)
+                : undefined
+              const handler = options.handler({ run, lock, transcript, token })
+              if (lock === undefined) return yield* handler
+              return yield* Effect.raceFirst(
+                handler,
+                lock.awaitLost.pipe(
+                  Effect.tap((loss) => Effect.logWarning("Conversation lock lost mid-run; the run is released", loss)),
+                  Effect.as<HandlerOutcome>({ _tag: "Release" })
+                )
+              )
+            })
+
+          /** A run with a conversation takes the conversation's seat first; busy or at the cap, it is deferred. */
+          const withConversation = (run: ClaimedRun) => {
+            const key = conversationOf(run)
+            if (key === undefined || seats === undefined) return work(run, key, undefined)
+            return Effect.matchEffect(seats.take(key), {
+              onFailure: (error) =>
+                (error._tag === "ConversationBusy" || error._tag === "LockCapReached"
+                  ? Effect.void
+                  : Effect.logWarning("Conversation lock not taken; the run is deferred", error)).pipe(
+                    Effect.as<HandlerOutcome>({ _tag: "Defer", delayMs: conversationDefaults.busyDeferMs })
+                  ),
+              onSuccess: (lock) => work(run, key, lock).pipe(Effect.ensuring(seats.giveBack(key)))
+            })
+          }
+
           // onExit runs on interruption too; the fiber's own failure has been turned into a settle.
           const handle = (run: ClaimedRun) =>
-            options.handler({ run }).pipe(Effect.onExit((exit) => settleExit(run, exit)), Effect.exit, Effect.asVoid)
+            withConversation(run).pipe(Effect.onExit((exit) => settleExit(run, exit)), Effect.exit, Effect.asVoid)
 
           const interrupt = (ids: ReadonlyArray<number>, reason: InterruptReason) =>
             Effect.forEach(ids, (id) => {
@@ -249,6 +329,8 @@ export class RunWorker extends Context.Service<RunWorker, {
             // The settler may have been interrupted mid-flush; whatever it had not settled is pending again.
             for (let round = 0; pending.length > 0 && round < 3; round++) yield* flush
             yield* Scope.close(scope, Exit.void)
+            // Last, once its runs are settled: the conversations this worker was keeping.
+            if (seats !== undefined) yield* seats.letGoIdle
           })
           yield* Effect.addFinalizer(() => stop)
         }).pipe(Effect.annotateLogs({ module: "runlane/RunWorker", queue: options.queue }))

@@ -1,0 +1,94 @@
+/**
+ * The conversations this process's workers serve: one held conversation lock per conversation, kept
+ * across that conversation's consecutive runs (so a conversation is not re-locked for every message)
+ * and let go once it has been idle for `idleMs`, once held for `maxHoldMs`, when its session is lost,
+ * or at shutdown. The lock cap therefore bounds how many conversations one process serves at once, as
+ * the reference system's conversation workers did (they held one for up to an hour).
+ *
+ * A seat is used by one run at a time. A second run of a conversation that is in use here (another
+ * queue of the same conversation) is refused as busy, like a conversation held by another process.
+ */
+import { Effect, Exit, Fiber, Scope } from "effect"
+import { type AcquireError, ConversationBusy, type ConversationLock, type ConversationLocks } from "../locks/ConversationLocks.ts"
+import type { ConversationKey } from "../locks/lockKey.ts"
+
+export interface SeatOptions {
+  /** A held conversation with no run for this long is let go. */
+  readonly idleMs: number
+  /** A conversation held this long is let go after its current run, so others get their turn. */
+  readonly maxHoldMs: number
+}
+
+interface Seat {
+  readonly key: ConversationKey
+  readonly lock: ConversationLock
+  readonly scope: Scope.Closeable
+  readonly since: number
+  inUse: boolean
+  idleTimer: Fiber.Fiber<void> | undefined
+}
+
+const seatId = (key: ConversationKey) => JSON.stringify([key.organizationId, key.agentId, key.conversationId])
+
+export const makeConversationSeats = Effect.fnUntraced(function*(locks: ConversationLocks["Service"], options: SeatOptions) {
+  const seats = new Map<string, Seat>()
+  // Idle timers live as long as the seats do; closing this scope (at shutdown) stops them.
+  const timers = yield* Effect.acquireRelease(Scope.make(), (scope) => Scope.close(scope, Exit.void))
+
+  const letGo = (seat: Seat) =>
+    Effect.suspend(() => {
+      if (seats.get(seatId(seat.key)) === seat) seats.delete(seatId(seat.key))
+      return Scope.close(seat.scope, Exit.void)
+    })
+
+  /** The conversation's held lock for one run: the seat kept from its last run, or a newly acquired one. */
+  const take = (key: ConversationKey): Effect.Effect<ConversationLock, AcquireError> =>
+    Effect.suspend(() => {
+      const kept = seats.get(seatId(key))
+      if (kept !== undefined) {
+        if (kept.inUse) return Effect.fail(new ConversationBusy(key))
+        kept.inUse = true
+        const timer = kept.idleTimer
+        kept.idleTimer = undefined
+        return Effect.as(timer === undefined ? Effect.void : Fiber.interrupt(timer), kept.lock)
+      }
+      return Effect.uninterruptibleMask((restore) =>
+        Effect.gen(function*() {
+          const scope = yield* Scope.make()
+          const exit = yield* Effect.exit(restore(locks.acquire(key)).pipe(Scope.provide(scope)))
+          if (Exit.isFailure(exit)) {
+            yield* Scope.close(scope, Exit.void)
+            return yield* exit
+          }
+          seats.set(seatId(key), { key, lock: exit.value, scope, since: Date.now(), inUse: true, idleTimer: undefined })
+          return exit.value
+        })
+      )
+    })
+
+  /** After a run: keep the conversation for its next run, or let it go (lost, held long enough). */
+  const giveBack = (key: ConversationKey) =>
+    Effect.gen(function*() {
+      const seat = seats.get(seatId(key))
+      if (seat === undefined) return
+      seat.inUse = false
+      if ((yield* seat.lock.isLost) || Date.now() - seat.since >= options.maxHoldMs) return yield* letGo(seat)
+      seat.idleTimer = yield* Effect.forkIn(
+        Effect.sleep(options.idleMs).pipe(Effect.andThen(Effect.suspend(() => (seat.inUse ? Effect.void : letGo(seat))))),
+        timers
+      )
+    })
+
+  /** Lets go of every conversation not in use (a worker stopping; every one at shutdown, when none is). */
+  const letGoIdle = Effect.suspend(() => Effect.forEach([...seats.values()].filter((seat) => !seat.inUse), letGo, { discard: true }))
+
+  return {
+    take,
+    giveBack,
+    letGoIdle,
+    /** Conversations held right now, in use or idle. */
+    served: Effect.sync(() => seats.size)
+  }
+})
+
+export type ConversationSeats = Effect.Success<ReturnType<typeof makeConversationSeats>>
