@@ -115,6 +115,22 @@ export const EnqueueRun = Schema.Struct({
   maxAttempts: Schema.optional(Schema.Number)
 })
 
+/** GET /v1/runs/{id}: where a run is in its life. Timestamps are ISO 8601. */
+export const RunStateBody = Schema.Struct({
+  id: Schema.Number,
+  queue: Schema.String,
+  status: Schema.String,
+  attempts: Schema.Number,
+  max_attempts: Schema.Number,
+  run_at: Schema.String,
+  error: Schema.NullOr(Schema.String),
+  claimed_by: Schema.NullOr(Schema.String),
+  lease_expires_at: Schema.NullOr(Schema.String),
+  cancel_requested_at: Schema.NullOr(Schema.String),
+  created_at: Schema.String,
+  completed_at: Schema.NullOr(Schema.String)
+})
+
 export class AdminGroup extends HttpApiGroup.make("admin")
   .add(
     HttpApiEndpoint.post("enqueue", "/runs", {
@@ -126,6 +142,20 @@ export class AdminGroup extends HttpApiGroup.make("admin")
       params: { id: Schema.String },
       success: Schema.Struct({ token: Schema.String }),
       error: [BadRequest, NotFound, Conflict, InternalError]
+    }),
+    HttpApiEndpoint.get("runState", "/runs/:id", {
+      params: { id: Schema.String },
+      success: RunStateBody,
+      error: [BadRequest, NotFound, InternalError]
+    }),
+    HttpApiEndpoint.post("cancelRun", "/runs/:id/cancel", {
+      params: { id: Schema.String },
+      success: Schema.Struct({
+        /** "cancelled": it was pending and is cancelled; "cancel_requested": its worker is told at its next report. */
+        outcome: Schema.Literals(["cancelled", "cancel_requested", "already_final"]),
+        status: Schema.String
+      }),
+      error: [BadRequest, NotFound, InternalError]
     })
   )
   .middleware(AdminAuth)

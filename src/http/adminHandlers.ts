@@ -1,11 +1,13 @@
 /**
- * POST /v1/runs (enqueue through RunsQueue.send) and POST /v1/runs/{id}/token (the run's worker token),
- * behind the operator's bearer token.
+ * POST /v1/runs (enqueue through RunsQueue.send), POST /v1/runs/{id}/token (the run's worker token),
+ * GET /v1/runs/{id} (its dispatch state) and POST /v1/runs/{id}/cancel, behind the operator's bearer token.
  */
 import { Effect, Option, Predicate } from "effect"
 import { HttpApiBuilder } from "effect/http-api"
 import { RunOwnership } from "../ownership/RunOwnership.ts"
 import { WorkerTokens } from "../ownership/WorkerTokens.ts"
+import type { DatabaseError } from "../db/DatabaseError.ts"
+import type { RunNotFound } from "../runs/runErrors.ts"
 import { RunsQueue } from "../runs/RunsQueue.ts"
 import type { SendRunInput } from "../runs/runInput.ts"
 import { answerDatabaseFailure } from "./internalError.ts"
@@ -34,6 +36,16 @@ export const parseRunId = (text: string): number | undefined => {
   const id = Number(text)
   return Number.isSafeInteger(id) ? id : undefined
 }
+
+const runIdParameter = (text: string) => {
+  const runId = parseRunId(text)
+  return runId === undefined
+    ? Effect.fail(new BadRequest({ error: "Run id must be a positive integer", field: "id" }))
+    : Effect.succeed(runId)
+}
+
+const noSuchRun = <A, R>(effect: Effect.Effect<A, RunNotFound | DatabaseError, R>) =>
+  Effect.catchTag(effect, "RunNotFound", () => Effect.fail(new NotFound({ error: "No such run" })))
 
 export const AdminHandlers = HttpApiBuilder.group(
   RunlaneApi,
@@ -71,6 +83,37 @@ export const AdminHandlers = HttpApiBuilder.group(
             return yield* new Conflict({ error: "The run has no agent or conversation, so no worker token scopes it" })
           }
           return { token: yield* tokens.mintRunToken({ organizationId, agentId, conversationId }, runId) }
+        }).pipe(answerDatabaseFailure))
+      .handle("runState", ({ params }) =>
+        Effect.gen(function*() {
+          const run = yield* queue.get(yield* runIdParameter(params.id)).pipe(noSuchRun)
+          const iso = (date: Date | null) => (date === null ? null : date.toISOString())
+          return {
+            id: run.id,
+            queue: run.queue,
+            status: run.status,
+            attempts: run.attempts,
+            max_attempts: run.maxAttempts,
+            run_at: run.runAt.toISOString(),
+            error: run.error,
+            claimed_by: run.claimedBy,
+            lease_expires_at: iso(run.leaseExpiresAt),
+            cancel_requested_at: iso(run.cancelRequestedAt),
+            created_at: run.createdAt.toISOString(),
+            completed_at: iso(run.completedAt)
+          }
+        }).pipe(answerDatabaseFailure))
+      .handle("cancelRun", ({ params }) =>
+        Effect.gen(function*() {
+          const runId = yield* runIdParameter(params.id)
+          const outcome = yield* queue.cancel(runId).pipe(noSuchRun)
+          const { status } = yield* queue.get(runId).pipe(noSuchRun)
+          const answer = outcome._tag === "Cancelled"
+            ? "cancelled" as const
+            : outcome._tag === "CancelRequested"
+            ? "cancel_requested" as const
+            : "already_final" as const
+          return { outcome: answer, status }
         }).pipe(answerDatabaseFailure))
   })
 )

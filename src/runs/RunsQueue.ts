@@ -21,6 +21,7 @@ import { resolveRunsConfig, runsConfigFromEnvironment, type RunsConfig, type Run
 import { claimRuns, type ClaimedRun } from "./claimRuns.ts"
 import { settleOutcome, type RunRef, type SettleOutcome } from "./settleOutcome.ts"
 import { runCancel } from "./sql/runCancel.ts"
+import { runGetById } from "./sql/runGetById.ts"
 import { runCompleteIfOwnedMany } from "./sql/runCompleteIfOwnedMany.ts"
 import { runDeferIfOwnedMany } from "./sql/runDeferIfOwnedMany.ts"
 import { runFailIfOwnedMany } from "./sql/runFailIfOwnedMany.ts"
@@ -29,14 +30,14 @@ import { runReleaseIfOwnedMany } from "./sql/runReleaseIfOwnedMany.ts"
 import type { RunsClient } from "./sql/runsClient.ts"
 import { runStatsForQueue } from "./sql/runStatsForQueue.ts"
 import { runSweepExpiredLeases } from "./sql/runSweepExpiredLeases.ts"
-import type { CancelOutcome, QueueStats, RunCount, SweepResult } from "./runReports.ts"
+import type { CancelOutcome, QueueStats, RunCount, RunState, SweepResult } from "./runReports.ts"
 import { IdempotencyChurn, writeRuns, type SendResult } from "./writeRuns.ts"
 
 export { runsChannel } from "./runsChannel.ts"
 export type { ClaimedRun } from "./claimRuns.ts"
 export type { RunRef, SettleOutcome } from "./settleOutcome.ts"
 export type { SendResult } from "./writeRuns.ts"
-export type { CancelOutcome, QueueStats, RunCount, SweepResult } from "./runReports.ts"
+export type { CancelOutcome, QueueStats, RunCount, RunState, SweepResult } from "./runReports.ts"
 
 /** Largest `sendMany` batch; larger batches should be split by the caller. */
 export const maxBatchSize = 10_000
@@ -90,6 +91,8 @@ export class RunsQueue extends Context.Service<RunsQueue, {
   /** Back to pending now, keeping its place; no attempt spent. */
   readonly release: (run: RunRef) => One<DatabaseError>
   readonly releaseMany: (runs: ReadonlyArray<RunRef>) => Many
+  /** One run's dispatch state (status, attempts, run_at, last error, claimant), or RunNotFound. */
+  readonly get: (runId: number) => Effect.Effect<RunState, RunNotFound | DatabaseError>
   /** Cancels a run by id, whoever holds it. */
   readonly cancel: (runId: number) => Effect.Effect<CancelOutcome, RunNotFound | DatabaseError>
   /** Takes back every claim whose lease ran out, counting the lost attempt. */
@@ -246,6 +249,26 @@ const make = Effect.fnUntraced(function*(database: Database["Service"], config: 
     return (row.status === "cancelled" ? { _tag: "Cancelled" } : { _tag: "CancelRequested" }) as CancelOutcome
   })
 
+  const get = Effect.fn("RunsQueue.get")(function*(runId: number) {
+    const [row] = yield* database.use("RunsQueue.get", () => runGetById(sql, runId))
+    if (row === undefined) return yield* new RunNotFound({ runId })
+    const date = (text: string | null) => (text === null ? null : new Date(text))
+    return {
+      id: Number(row.id),
+      queue: row.queue,
+      status: row.status,
+      attempts: row.attempts,
+      maxAttempts: row.max_attempts,
+      runAt: new Date(row.run_at),
+      error: row.error_message,
+      claimedBy: row.claimed_by,
+      leaseExpiresAt: date(row.lease_expires_at),
+      cancelRequestedAt: date(row.cancel_requested_at),
+      createdAt: new Date(row.created_at),
+      completedAt: date(row.completed_at)
+    } satisfies RunState
+  })
+
   const sweep = Effect.gen(function*() {
     const totals = { returned: 0, failed: 0, cancelled: 0 }
     for (;;) {
@@ -297,6 +320,7 @@ const make = Effect.fnUntraced(function*(database: Database["Service"], config: 
     deferMany: (runs) => Effect.suspend(() => many(runs, deferRuns)),
     release: (run) => one("release", run.id, releaseIds([run.id])),
     releaseMany: (runs) => many(runs, (batch) => releaseIds(idsOf(batch))),
+    get,
     cancel,
     sweep,
     stats,

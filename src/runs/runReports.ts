@@ -32,3 +32,23 @@ export interface SweepResult {
   /** Runs whose cancellation was pending, now `cancelled`. */
   readonly cancelled: number
 }
+
+/** One run's dispatch state, as `RunsQueue.get` reads it. */
+export interface RunState {
+  readonly id: number
+  readonly queue: string
+  readonly status: string
+  /** Attempts spent (failed or lost). */
+  readonly attempts: number
+  readonly maxAttempts: number
+  /** Not claimable before this. */
+  readonly runAt: Date
+  /** The last failure's text. */
+  readonly error: string | null
+  /** The claimant (worker process) holding it, while claimed. */
+  readonly claimedBy: string | null
+  readonly leaseExpiresAt: Date | null
+  readonly cancelRequestedAt: Date | null
+  readonly createdAt: Date
+  readonly completedAt: Date | null
+}

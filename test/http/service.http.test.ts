@@ -97,6 +97,25 @@ layer(testServerLayer(), { excludeTestServices: true })("the HTTP service", (it)
       ) assert.match(metrics.text, line)
     }))
 
+  it.effect("GET /v1/runs/{id} tells where a run is; POST /v1/runs/{id}/cancel cancels a pending one; both are admin routes", () =>
+    Effect.gen(function*() {
+      const created = yield* call("POST", "/v1/runs", { ...admin, body: { queue: "state-q", organizationId: "o", payload: {} } })
+      const id = (created.json as { id: number }).id
+      const state = yield* call("GET", `/v1/runs/${id}`, admin)
+      assert.strictEqual(state.status, 200)
+      assert.deepInclude(state.json as object, { id, queue: "state-q", status: "pending", attempts: 0, max_attempts: 3, error: null, claimed_by: null })
+      assert.isFalse(Number.isNaN(Date.parse((state.json as { run_at: string }).run_at)))
+      const cancelled = yield* call("POST", `/v1/runs/${id}/cancel`, admin)
+      assert.deepStrictEqual(cancelled.json, { outcome: "cancelled", status: "cancelled" })
+      assert.deepStrictEqual((yield* call("POST", `/v1/runs/${id}/cancel`, admin)).json, { outcome: "already_final", status: "cancelled" })
+      assert.strictEqual(((yield* call("GET", `/v1/runs/${id}`, admin)).json as { status: string }).status, "cancelled")
+      assert.strictEqual((yield* call("GET", "/v1/runs/999999999", admin)).status, 404)
+      assert.strictEqual((yield* call("POST", "/v1/runs/999999999/cancel", admin)).status, 404)
+      assert.strictEqual((yield* call("GET", "/v1/runs/abc", admin)).status, 400)
+      assert.strictEqual((yield* call("GET", `/v1/runs/${id}`)).status, 401)
+      assert.strictEqual((yield* call("POST", `/v1/runs/${id}/cancel`)).status, 401)
+    }))
+
   it.effect("POST /v1/runs enqueues, dedupes by idempotency key, and names a bad field", () =>
     Effect.gen(function*() {
       const body = { queue: "messages", organizationId: "org", agentId: "a", conversationId: "c", payload: { text: "hi" } }
