@@ -21,10 +21,10 @@ import type { PoolExhausted } from "../db/PoolExhausted.ts"
 import { assertSessionPooling } from "../db/sessionPooling.ts"
 import { capVariable, resolveLockCap } from "./lockCap.ts"
 import { LockCounter } from "./lockCounter.ts"
-import { ConversationBusy, LockCapReached, LockConfigError, LockLost } from "./lockErrors.ts"
+import { ConversationBusy, LockCapReached, LockConfigError, LockLost, refusal } from "./lockErrors.ts"
 import { type ConversationKey, conversationLockHash, defaultLockNamespace, isLockNamespace } from "./lockKey.ts"
 import { type LockContext, type LockOutcome, LockSession } from "./lockSession.ts"
-import { reportSessionEnd } from "./lockReports.ts"
+import { describeProblems, reportSessionEnd } from "./lockReports.ts"
 import { type LocalLockUsage, type LockUsage, lockUsage } from "./lockUsage.ts"
 
 export { ConversationBusy, LockCapReached, LockConfigError, LockLost }
@@ -151,7 +151,10 @@ const make = Effect.fnUntraced(function*(options: ConversationLocksOptions) {
     now: Date.now,
     live: new Set(),
     isClosing: () => closing,
-    onEnd: (session, end) => runLog(reportSessionEnd(end, keys.get(session)!, session.backendPid).pipe(annotate)),
+    // A clean end logs nothing, so it starts no fiber either (this runs once per lock cycle).
+    onEnd: (session, end) => {
+      if (describeProblems(end).length > 0) runLog(reportSessionEnd(end, keys.get(session)!, session.backendPid).pipe(annotate))
+    },
     onLost: (session, reason) => {
       counters.lost++
       const loss = new LockLost({ ...keys.get(session)!, backendPid: session.backendPid, reason })
@@ -189,7 +192,7 @@ const make = Effect.fnUntraced(function*(options: ConversationLocksOptions) {
       const admission = counter.enter(Date.now())
       if (admission === "full") {
         counters.capReached++
-        return Effect.fail(new LockCapReached({ count: counter.count, cap: counter.cap }))
+        return Effect.fail(refusal(() => new LockCapReached({ count: counter.count, cap: counter.cap })))
       }
       const session = new LockSession(context, conversationLockHash(key))
       keys.set(session, key)
@@ -233,7 +236,7 @@ const make = Effect.fnUntraced(function*(options: ConversationLocksOptions) {
         return session.isHeld ? Effect.succeed(handleOf(session, key)) : Effect.interrupt
       case "Busy":
         counters.busy++
-        return Effect.fail(new ConversationBusy(key))
+        return Effect.fail(refusal(() => new ConversationBusy(key)))
       case "Failed":
         return Effect.fail(outcome.error)
       case "Ended":

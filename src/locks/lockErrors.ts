@@ -1,6 +1,22 @@
 /** The typed failures of conversation locks. */
 import { Schema } from "effect"
 
+/**
+ * Builds an expected refusal without a stack trace. Busy and cap refusals are outcomes, not bugs, and
+ * come by the thousand under contention: capturing a stack was the largest single cost of a refused
+ * acquire (npm run bench, "acquires under contention": 0.28 of hand-written with stacks, see the
+ * closing note of issue 9 for the figure without).
+ */
+export const refusal = <E>(make: () => E): E => {
+  const stackTraceLimit = Error.stackTraceLimit
+  Error.stackTraceLimit = 0
+  try {
+    return make()
+  } finally {
+    Error.stackTraceLimit = stackTraceLimit
+  }
+}
+
 export class ConversationBusy extends Schema.TaggedError<ConversationBusy>()("ConversationBusy", {
   organizationId: Schema.String,
   agentId: Schema.String,
