@@ -100,6 +100,36 @@ describe("Migrator with mixed migrations", () => {
       })))
 })
 
+describe("Migrator with a constraint added NOT VALID and validated outside a transaction", () => {
+  it.live("validates it and drops an index concurrently in a marked file, once", () =>
+    withEmptyDatabase((db, client) =>
+      Effect.gen(function*() {
+        const report = yield* migrateOnce(db.url, { folder: fixtureFolder("constraint") })
+        assert.deepStrictEqual(report.appliedNow, ["0000_items", "0001_items_check", "0002_items_validate"])
+        const [constraint] = yield* Effect.promise(() =>
+          client<Array<{ validated: boolean }>>`select convalidated as validated from pg_constraint where conname = 'items_n_positive'`)
+        assert.isTrue(constraint!.validated)
+        const [index] = yield* Effect.promise(() => client<Array<{ gone: boolean }>>`select to_regclass('items_n_idx') is null as gone`)
+        assert.isTrue(index!.gone)
+        assert.deepStrictEqual((yield* migrateOnce(db.url, { folder: fixtureFolder("constraint") })).appliedNow, [])
+      })))
+
+  it.live("a row that breaks the constraint fails the validation, and the marked migration is not recorded", () =>
+    withEmptyDatabase((db, client) =>
+      Effect.gen(function*() {
+        yield* migrateOnce(db.url, { folder: fixtureFolder("constraint-first") })
+        // Written before the constraint exists; NOT VALID leaves it there, VALIDATE finds it.
+        yield* Effect.promise(() => client`insert into items (n) values (0)`)
+        const error = yield* Effect.flip(migrateOnce(db.url, { folder: fixtureFolder("constraint") }))
+        assert.deepInclude(error, { _tag: "DatabaseError", sqlState: "23514" })
+        const ledger = yield* Effect.promise(() => client`select created_at::text from drizzle.__drizzle_migrations order by created_at`)
+        assert.deepStrictEqual(ledger.map((row) => row["created_at"]), ["1800000000000", "1800000001000"])
+        const [constraint] = yield* Effect.promise(() =>
+          client<Array<{ validated: boolean }>>`select convalidated as validated from pg_constraint where conname = 'items_n_positive'`)
+        assert.isFalse(constraint!.validated)
+      })))
+})
+
 describe("parseMigration", () => {
   it("a file with the marker line runs outside a transaction; statements split at drizzle's breakpoints", () => {
     const parsed = parseMigration("0001_x", [
