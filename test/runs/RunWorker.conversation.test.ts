@@ -4,15 +4,15 @@
  * busy conversations deferred without spending an attempt; a lock lost mid-run releases the run.
  */
 import { assert, layer } from "@effect/vitest"
-import { ConfigProvider, Effect, Exit, Layer, Scope } from "effect"
+import { ConfigProvider, Effect, Layer } from "effect"
 import postgres from "postgres"
 import { Database } from "../../src/db/Database.ts"
 import { ConversationLocks } from "../../src/locks/ConversationLocks.ts"
 import { conversationLockHash, defaultLockNamespace } from "../../src/locks/lockKey.ts"
-import { type RunHandlerInput, RunWorker, type RunWorkerOptions } from "../../src/runs/RunWorker.ts"
+import { type RunHandlerInput, RunWorker } from "../../src/runs/RunWorker.ts"
 import { RunsQueue } from "../../src/runs/RunsQueue.ts"
 import { advisoryLocksInNamespace, eventually, LockHarness, lockHarnessLayer } from "../support/lockHarness.ts"
-import { freshQueue, readRun, runInput } from "../support/runsHarness.ts"
+import { freshQueue, readRun, runInput, startWorker } from "../support/runsHarness.ts"
 
 const idleMs = 400
 
@@ -22,13 +22,6 @@ const TestLayer = RunWorker.layer.pipe(
   Layer.provide(ConfigProvider.layer(ConfigProvider.fromUnknown({ RUNLANE_CONVERSATION_IDLE_MS: String(idleMs) })))
 )
 
-const startWorker = (options: RunWorkerOptions<never>) =>
-  Effect.gen(function*() {
-    const worker = yield* RunWorker
-    const scope = yield* Scope.make()
-    yield* worker.start(options).pipe(Scope.provide(scope))
-    return { stop: Scope.close(scope, Exit.void) }
-  })
 
 const conversation = (n: number) => ({ agentId: "agent", conversationId: `conversation-${n}` })
 

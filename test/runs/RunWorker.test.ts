@@ -1,12 +1,12 @@
 import { assert, layer } from "@effect/vitest"
-import { Effect, Layer, Scope, Exit } from "effect"
+import { Effect, Layer } from "effect"
 import { Database } from "../../src/db/Database.ts"
 import { DatabaseError } from "../../src/db/DatabaseError.ts"
 import { InvalidRunsArgument } from "../../src/runs/runErrors.ts"
-import { RunWorker, type RunHandlerInput, type RunWorkerOptions } from "../../src/runs/RunWorker.ts"
+import { RunWorker, type RunHandlerInput } from "../../src/runs/RunWorker.ts"
 import { RunsQueue } from "../../src/runs/RunsQueue.ts"
 import { eventually } from "../support/lockHarness.ts"
-import { freshQueue, readRun, runInput } from "../support/runsHarness.ts"
+import { freshQueue, readRun, runInput, startWorker } from "../support/runsHarness.ts"
 import { testDatabaseLayer } from "../support/testDatabase.ts"
 
 /**
@@ -42,14 +42,6 @@ const statuses = (q: string) =>
     return Object.fromEntries(rows.map((row) => [row.status, row.n]))
   })
 
-/** Starts a worker in a scope of its own; closing that scope stops it. */
-const startWorker = (options: RunWorkerOptions<never>) =>
-  Effect.gen(function*() {
-    const worker = yield* RunWorker
-    const scope = yield* Scope.make()
-    yield* worker.start(options).pipe(Scope.provide(scope))
-    return { stop: Scope.close(scope, Exit.void) }
-  })
 
 layer(TestLayer, { excludeTestServices: true })("RunWorker", (it) => {
   it.effect("processes every run with at most `concurrency` handlers at once, claiming in batches", () =>

@@ -3,9 +3,10 @@
  * retry delays, run_at, expiry and leases are tested without waiting), a migrated database of its own,
  * and a reader of a run's row as the database holds it.
  */
-import { Effect, Layer } from "effect"
+import { Effect, Exit, Layer, Scope } from "effect"
 import { Database } from "../../src/db/Database.ts"
 import type { SendRunInput } from "../../src/runs/runInput.ts"
+import { RunWorker, type RunWorkerOptions } from "../../src/runs/RunWorker.ts"
 import { RunsQueue } from "../../src/runs/RunsQueue.ts"
 import type { RunsQueueOptions } from "../../src/runs/runsConfig.ts"
 import { testDatabaseLayer } from "./testDatabase.ts"
@@ -68,4 +69,13 @@ export const readRun = (id: number) =>
       lease_expires_at: date(row!["lease_expires_at"]),
       cancel_requested_at: date(row!["cancel_requested_at"])
     } satisfies StoredRun
+  })
+
+/** Starts a worker in a scope of its own; closing that scope (`stop`) stops it. */
+export const startWorker = (options: RunWorkerOptions<never>) =>
+  Effect.gen(function*() {
+    const worker = yield* RunWorker
+    const scope = yield* Scope.make()
+    yield* worker.start(options).pipe(Scope.provide(scope))
+    return { stop: Scope.close(scope, Exit.void) }
   })
