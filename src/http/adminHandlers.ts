@@ -105,15 +105,16 @@ export const AdminHandlers = HttpApiBuilder.group(
         }).pipe(answerDatabaseFailure))
       .handle("cancelRun", ({ params }) =>
         Effect.gen(function*() {
-          const runId = yield* runIdParameter(params.id)
-          const outcome = yield* queue.cancel(runId).pipe(noSuchRun)
-          const { status } = yield* queue.get(runId).pipe(noSuchRun)
-          const answer = outcome._tag === "Cancelled"
-            ? "cancelled" as const
-            : outcome._tag === "CancelRequested"
-            ? "cancel_requested" as const
-            : "already_final" as const
-          return { outcome: answer, status }
+          // The cancel statement's answer already says the status: no second read.
+          const outcome = yield* queue.cancel(yield* runIdParameter(params.id)).pipe(noSuchRun)
+          switch (outcome._tag) {
+            case "Cancelled":
+              return { outcome: "cancelled" as const, status: "cancelled" }
+            case "CancelRequested":
+              return { outcome: "cancel_requested" as const, status: "claimed" }
+            case "AlreadyFinal":
+              return { outcome: "already_final" as const, status: outcome.status }
+          }
         }).pipe(answerDatabaseFailure))
   })
 )
