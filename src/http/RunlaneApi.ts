@@ -87,7 +87,9 @@ export const OrchestratorHealth = Schema.Struct({
   lost_total: Schema.Number,
   /** From pg_locks; null when the database did not answer within a second. */
   held_in_database_by_this_process: Schema.NullOr(Schema.Number),
-  held_in_database: Schema.NullOr(Schema.Number)
+  held_in_database: Schema.NullOr(Schema.Number),
+  /** Conversations this process's run workers hold (serving a run, or kept for the next); 0 without a worker. */
+  conversations_served: Schema.Number
 })
 
 export class HealthGroup extends HttpApiGroup.make("health", { topLevel: true }).add(

@@ -11,6 +11,7 @@ import { PrometheusMetrics } from "effect/observability"
 import { Migrator } from "../db/Migrator.ts"
 import { ConversationLocks } from "../locks/ConversationLocks.ts"
 import { RunsQueue } from "../runs/RunsQueue.ts"
+import { RunWorker } from "../runs/RunWorker.ts"
 import { TranscriptSnapshots } from "../snapshots/TranscriptSnapshots.ts"
 import { makeProbeBudget } from "./probeBudget.ts"
 import { lockMetricsText, runCountsText, uploadQueueText } from "./prometheusText.ts"
@@ -33,6 +34,9 @@ export const HealthHandlers = HttpApiBuilder.group(
     const locks = yield* ConversationLocks
     const queue = yield* RunsQueue
     const snapshots = yield* TranscriptSnapshots
+    // The service runs a worker; a host application mounting the routes may not.
+    const worker = yield* Effect.serviceOption(RunWorker)
+    const conversationsServed = Option.isSome(worker) ? worker.value.conversationsServed : Effect.succeed(0)
     const budget = yield* makeProbeBudget
     const runCounts = makeRunCountsCache(queue.counts, budget)
 
@@ -88,7 +92,8 @@ export const HealthHandlers = HttpApiBuilder.group(
             cap_reached_total: usage.capReached,
             lost_total: usage.lost,
             held_in_database_by_this_process: inDatabase?.heldInDatabaseByThisProcess ?? null,
-            held_in_database: inDatabase?.heldInDatabase ?? null
+            held_in_database: inDatabase?.heldInDatabase ?? null,
+            conversations_served: yield* conversationsServed
           }
         }),
       metrics: () =>

@@ -28,6 +28,7 @@ import { WorkerTokens } from "../ownership/WorkerTokens.ts"
 import { TranscriptSnapshots } from "../snapshots/TranscriptSnapshots.ts"
 import { makeConversationSeats } from "./conversationSeats.ts"
 import type { ClaimedRun } from "./claimRuns.ts"
+import { type DeferReason, dispatchMetricsFor } from "./dispatchMetrics.ts"
 import { InvalidRunsArgument } from "./runErrors.ts"
 import { maxDelayMs, RunsQueue } from "./RunsQueue.ts"
 import { runsChannel } from "./runsChannel.ts"
@@ -83,8 +84,13 @@ const retryAfterErrorMs = 1_000
 type Settle =
   | { readonly _tag: "Complete"; readonly run: ClaimedRun }
   | { readonly _tag: "Fail"; readonly run: ClaimedRun; readonly error: string }
-  | { readonly _tag: "Defer"; readonly run: ClaimedRun; readonly delayMs: number }
+  | { readonly _tag: "Defer"; readonly run: ClaimedRun; readonly delayMs: number; readonly reason: DeferReason }
   | { readonly _tag: "Release"; readonly run: ClaimedRun }
+
+/** The worker's own answer for a run whose conversation it could not take: deferred, no attempt spent. */
+class SeatRefused {
+  constructor(readonly reason: DeferReason) {}
+}
 
 /** Why a handler was interrupted: lost and cancelled runs are not settled; stopped ones are released. */
 type InterruptReason = "lost" | "cancelled" | "stop"
@@ -108,6 +114,8 @@ const checkCount = (argument: string, value: number, min: number, max: number) =
 export class RunWorker extends Context.Service<RunWorker, {
   /** Starts working `options.queue`; closing the caller's scope stops it gracefully. */
   readonly start: <R>(options: RunWorkerOptions<R>) => Effect.Effect<void, InvalidRunsArgument, Scope.Scope | R>
+  /** Conversations this process's workers hold right now (in use or kept idle); 0 without locks. */
+  readonly conversationsServed: Effect.Effect<number>
 }>()("runlane/RunWorker") {
   /** One LISTEN connection per process (postgres.js's listener of the pool), shared by every worker. */
   static readonly layer = Layer.effect(
@@ -146,6 +154,7 @@ export class RunWorker extends Context.Service<RunWorker, {
             checkCount("stopTimeoutMs", stopTimeoutMs, 0, 3_600_000)
           if (bad !== undefined) return yield* bad
 
+          const metrics = dispatchMetricsFor(options.queue)
           const scope = yield* Scope.make()
           const signal = yield* Queue.sliding<void>(1)
           const settleSignal = yield* Queue.sliding<void>(1)
@@ -189,19 +198,31 @@ export class RunWorker extends Context.Service<RunWorker, {
               // Nothing else may signal: the batch is retried on its own.
               return void Queue.offerUnsafe(settleSignal, undefined)
             }
+            const [completed, failed, deferred, released] = result.value
+            const deferredIds = new Set(deferred.settled)
+            yield* Effect.all([
+              metrics.completed(completed.settled.length),
+              metrics.failedAttempts(failed.settled.length),
+              metrics.released(released.settled.length),
+              Effect.forEach(of("Defer").filter((s) => deferredIds.has(s.run.id)), (s) => metrics.deferred(s.reason, 1)),
+              metrics.lost(result.value.reduce((n, outcome) => n + outcome.lost.length, 0)),
+              metrics.cancelled(result.value.reduce((n, outcome) => n + outcome.cancelled.length, 0))
+            ], { discard: true })
             // Lost and cancelled runs need nothing more: the database has already decided their fate.
             for (const settle of batch) freeSlot(settle.run.id)
           }))
 
-          const settleExit = (run: ClaimedRun, exit: Exit.Exit<HandlerOutcome, unknown>) =>
+          const settleExit = (run: ClaimedRun, exit: Exit.Exit<HandlerOutcome | SeatRefused, unknown>) =>
             Effect.sync(() => {
               const reason = reasons.get(run.id)
               if (Exit.isSuccess(exit)) {
                 const outcome = exit.value
-                if (outcome === undefined) settleLater({ _tag: "Complete", run })
+                if (outcome instanceof SeatRefused) {
+                  settleLater({ _tag: "Defer", run, delayMs: conversationDefaults.busyDeferMs, reason: outcome.reason })
+                } else if (outcome === undefined) settleLater({ _tag: "Complete", run })
                 else if (outcome._tag === "Release") settleLater({ _tag: "Release", run })
                 else if (outcome._tag === "Defer" && isDelay(outcome.delayMs)) {
-                  settleLater({ _tag: "Defer", run, delayMs: outcome.delayMs })
+                  settleLater({ _tag: "Defer", run, delayMs: outcome.delayMs, reason: "handler" })
                 } else {
                   // A bad delay would make deferMany refuse the whole batch, so it fails this run alone.
                   const answer = JSON.stringify(outcome)
@@ -227,6 +248,8 @@ export class RunWorker extends Context.Service<RunWorker, {
               const token = key !== undefined && key.agentId !== "" && Option.isSome(tokens)
                 ? yield* tokens.value.mintRunToken(key, run.id)
                 : undefined
+              // First attempts only: a retry's wait includes its backoff (dispatchMetrics.ts).
+              if (run.attempts === 0) yield* metrics.started(Math.max(0, Date.now() - run.createdAt.getTime()) / 1000)
               const handler = options.handler({ run, lock, transcript, token })
               if (lock === undefined) return yield* handler
               return yield* Effect.raceFirst(
@@ -243,13 +266,16 @@ export class RunWorker extends Context.Service<RunWorker, {
             const key = conversationOf(run)
             if (key === undefined || seats === undefined) return work(run, key, undefined)
             return Effect.matchEffect(seats.take(key), {
-              onFailure: (error) =>
-                (error._tag === "ConversationBusy" || error._tag === "LockCapReached"
-                  ? Effect.void
-                  : Effect.logWarning("Conversation lock not taken; the run is deferred", error)).pipe(
-                    Effect.as<HandlerOutcome>({ _tag: "Defer", delayMs: conversationDefaults.busyDeferMs })
+              onFailure: (error): Effect.Effect<SeatRefused> =>
+                error._tag === "ConversationBusy"
+                  ? Effect.succeed(new SeatRefused("conversation_busy"))
+                  : error._tag === "LockCapReached"
+                  ? Effect.succeed(new SeatRefused("lock_cap"))
+                  : Effect.logWarning("Conversation lock not taken; the run is deferred", error).pipe(
+                    Effect.as(new SeatRefused("lock_error"))
                   ),
-              onSuccess: (lock) => work(run, key, lock).pipe(Effect.ensuring(seats.giveBack(key)))
+              onSuccess: (lock): Effect.Effect<HandlerOutcome | SeatRefused, unknown, R> =>
+                work(run, key, lock).pipe(Effect.ensuring(seats.giveBack(key)))
             })
           }
 
@@ -277,6 +303,7 @@ export class RunWorker extends Context.Service<RunWorker, {
                     Effect.logWarning("Run claim failed", error).pipe(Effect.andThen(Effect.sleep(retryAfterErrorMs)), Effect.as([]))
                   )
                 )
+                yield* metrics.claimed(runs.length)
                 for (const run of runs) {
                   // The slot is taken before the fork, so a handler that ends at once cannot free it first.
                   inFlight.add(run.id)
@@ -298,6 +325,8 @@ export class RunWorker extends Context.Service<RunWorker, {
               const ids = [...inFlight.keys()].filter((id) => !reasons.has(id))
               const outcome = yield* queue.heartbeatMany(ids.map((id) => ({ id }))).pipe(Effect.exit)
               if (Exit.isSuccess(outcome)) {
+                yield* metrics.lost(outcome.value.lost.length)
+                yield* metrics.cancelled(outcome.value.cancelled.length)
                 yield* interrupt(outcome.value.lost, "lost")
                 yield* interrupt(outcome.value.cancelled, "cancelled")
               } else {
@@ -335,7 +364,7 @@ export class RunWorker extends Context.Service<RunWorker, {
           yield* Effect.addFinalizer(() => stop)
         }).pipe(Effect.annotateLogs({ module: "runlane/RunWorker", queue: options.queue }))
 
-      return RunWorker.of({ start })
+      return RunWorker.of({ start, conversationsServed: seats === undefined ? Effect.succeed(0) : seats.served })
     })
   )
 }

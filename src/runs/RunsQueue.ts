@@ -22,6 +22,7 @@ import { claimRuns, type ClaimedRun } from "./claimRuns.ts"
 import { settleOutcome, type RunRef, type SettleOutcome } from "./settleOutcome.ts"
 import { runCancel } from "./sql/runCancel.ts"
 import { runGetById } from "./sql/runGetById.ts"
+import { recordSweep } from "./dispatchMetrics.ts"
 import { runCompleteIfOwnedMany } from "./sql/runCompleteIfOwnedMany.ts"
 import { runDeferIfOwnedMany } from "./sql/runDeferIfOwnedMany.ts"
 import { runFailIfOwnedMany } from "./sql/runFailIfOwnedMany.ts"
@@ -273,11 +274,17 @@ const make = Effect.fnUntraced(function*(database: Database["Service"], config: 
     const totals = { returned: 0, failed: 0, cancelled: 0 }
     for (;;) {
       const rows = yield* database.use("RunsQueue.sweep", () => runSweepExpiredLeases(sql, { limit: sweepBatch, now: now() }))
+      const batch = { returned: 0, failed: 0, cancelled: 0 }
       for (const row of rows) {
-        if (row.status === "pending") totals.returned++
-        else if (row.status === "failed") totals.failed++
-        else totals.cancelled++
+        if (row.status === "pending") batch.returned++
+        else if (row.status === "failed") batch.failed++
+        else batch.cancelled++
       }
+      // Counted per committed batch, so a later batch that fails does not hide this one.
+      yield* recordSweep(batch)
+      totals.returned += batch.returned
+      totals.failed += batch.failed
+      totals.cancelled += batch.cancelled
       if (rows.length < sweepBatch) return totals as SweepResult
     }
   }).pipe(Effect.withSpan("RunsQueue.sweep"))

@@ -21,6 +21,8 @@ export interface ClaimedRun {
   readonly runAt: Date
   readonly claimedAt: Date
   readonly leaseExpiresAt: Date
+  /** When the run was enqueued. */
+  readonly createdAt: Date
 }
 
 /**
@@ -50,7 +52,8 @@ const toClaimedRun = (row: ClaimedRunRow): ClaimedRun => ({
   maxAttempts: row.max_attempts,
   runAt: new Date(row.run_at),
   claimedAt: new Date(row.claimed_at),
-  leaseExpiresAt: new Date(row.lease_expires_at)
+  leaseExpiresAt: new Date(row.lease_expires_at),
+  createdAt: new Date(row.created_at)
 })
 
 /** UPDATE ... RETURNING answers in no particular order; callers get the claim order. */

@@ -5,6 +5,10 @@
  * or at shutdown. The lock cap therefore bounds how many conversations one process serves at once, as
  * the reference system's conversation workers did (they held one for up to an hour).
  *
+ * A kept conversation is a cache, not a reservation: when the lock cap refuses a new conversation, the
+ * seat idle the longest is let go and the acquire tried once more, so conversations that are done do
+ * not keep others waiting for their idle period.
+ *
  * A seat is used by one run at a time. A second run of a conversation that is in use here (another
  * queue of the same conversation) is refused as busy, like a conversation held by another process.
  */
@@ -25,6 +29,8 @@ interface Seat {
   readonly scope: Scope.Closeable
   readonly since: number
   inUse: boolean
+  /** When its last run ended (for choosing which idle seat to let go at the cap). */
+  idleSince: number
   idleTimer: Fiber.Fiber<void> | undefined
 }
 
@@ -38,8 +44,33 @@ export const makeConversationSeats = Effect.fnUntraced(function*(locks: Conversa
   const letGo = (seat: Seat) =>
     Effect.suspend(() => {
       if (seats.get(seatId(seat.key)) === seat) seats.delete(seatId(seat.key))
-      return Scope.close(seat.scope, Exit.void)
+      const timer = seat.idleTimer
+      seat.idleTimer = undefined
+      return Effect.andThen(timer === undefined ? Effect.void : Fiber.interrupt(timer), Scope.close(seat.scope, Exit.void))
     })
+
+  const longestIdle = (): Seat | undefined => {
+    let found: Seat | undefined
+    for (const seat of seats.values()) {
+      if (!seat.inUse && (found === undefined || seat.idleSince < found.idleSince)) found = seat
+    }
+    return found
+  }
+
+  const acquireSeat = (key: ConversationKey): Effect.Effect<ConversationLock, AcquireError> =>
+    Effect.uninterruptibleMask((restore) =>
+      Effect.gen(function*() {
+        const scope = yield* Scope.make()
+        const exit = yield* Effect.exit(restore(locks.acquire(key)).pipe(Scope.provide(scope)))
+        if (Exit.isFailure(exit)) {
+          yield* Scope.close(scope, Exit.void)
+          return yield* exit
+        }
+        const seat: Seat = { key, lock: exit.value, scope, since: Date.now(), inUse: true, idleSince: 0, idleTimer: undefined }
+        seats.set(seatId(key), seat)
+        return exit.value
+      })
+    )
 
   /** The conversation's held lock for one run: the seat kept from its last run, or a newly acquired one. */
   const take = (key: ConversationKey): Effect.Effect<ConversationLock, AcquireError> =>
@@ -52,16 +83,10 @@ export const makeConversationSeats = Effect.fnUntraced(function*(locks: Conversa
         kept.idleTimer = undefined
         return Effect.as(timer === undefined ? Effect.void : Fiber.interrupt(timer), kept.lock)
       }
-      return Effect.uninterruptibleMask((restore) =>
-        Effect.gen(function*() {
-          const scope = yield* Scope.make()
-          const exit = yield* Effect.exit(restore(locks.acquire(key)).pipe(Scope.provide(scope)))
-          if (Exit.isFailure(exit)) {
-            yield* Scope.close(scope, Exit.void)
-            return yield* exit
-          }
-          seats.set(seatId(key), { key, lock: exit.value, scope, since: Date.now(), inUse: true, idleTimer: undefined })
-          return exit.value
+      return acquireSeat(key).pipe(
+        Effect.catchTag("LockCapReached", (refused) => {
+          const idle = longestIdle()
+          return idle === undefined ? Effect.fail(refused) : Effect.andThen(letGo(idle), acquireSeat(key))
         })
       )
     })
@@ -72,9 +97,15 @@ export const makeConversationSeats = Effect.fnUntraced(function*(locks: Conversa
       const seat = seats.get(seatId(key))
       if (seat === undefined) return
       seat.inUse = false
+      seat.idleSince = Date.now()
       if ((yield* seat.lock.isLost) || Date.now() - seat.since >= options.maxHoldMs) return yield* letGo(seat)
       seat.idleTimer = yield* Effect.forkIn(
-        Effect.sleep(options.idleMs).pipe(Effect.andThen(Effect.suspend(() => (seat.inUse ? Effect.void : letGo(seat))))),
+        Effect.sleep(options.idleMs).pipe(Effect.andThen(Effect.suspend(() => {
+          if (seat.inUse) return Effect.void
+          // This timer is the fiber letting go: letGo must not interrupt it.
+          seat.idleTimer = undefined
+          return letGo(seat)
+        }))),
         timers
       )
     })

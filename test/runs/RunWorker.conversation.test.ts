@@ -133,3 +133,36 @@ layer(TestLayer, { excludeTestServices: true })("RunWorker with conversation loc
       assert.deepStrictEqual([usage.held, usage.inFlight, usage.stranded], [0, 0, 0])
     }))
 })
+
+/** Conversations kept idle for a minute, at most two locks: the cap, not the idle period, decides. */
+const KeepingLayer = RunWorker.layer.pipe(
+  Layer.provideMerge(RunsQueue.layerWith({ leaseMs: 3_000, heartbeatMs: 1_000 })),
+  Layer.provideMerge(lockHarnessLayer({ poolMax: 10, cap: 2, keepaliveMs: 1_000 })),
+  Layer.provide(ConfigProvider.layer(ConfigProvider.fromUnknown({ RUNLANE_CONVERSATION_IDLE_MS: "60000" })))
+)
+
+layer(KeepingLayer, { excludeTestServices: true })("RunWorker keeping conversations at the lock cap", (it) => {
+  it.effect("a new conversation at the cap takes the place of the one idle longest instead of being deferred", () =>
+    Effect.gen(function*() {
+      const queue = yield* RunsQueue
+      const worker = yield* RunWorker
+      const q = freshQueue("evict")
+      // Six conversations, one run each: with two seats kept for a minute, runs 3-6 meet the cap.
+      const sent = yield* queue.sendMany(Array.from({ length: 6 }, (_, i) => runInput(q, conversation(40 + i))))
+      const running = yield* startWorker({ queue: q, handler: () => Effect.void, concurrency: 1, pollIntervalMs: 50 })
+      yield* eventually("every run completed", Effect.map(
+        Effect.forEach(sent, (s) => readRun(s.id)),
+        (rows) => rows.every((row) => row.status === "completed")
+      ), 30_000)
+      const { use } = yield* Database
+      // A deferral moves run_at past created_at; none may have happened.
+      const [deferred] = yield* use("test.deferred", (sql) =>
+        sql<Array<{ n: number }>>`select count(*)::int as n from runs where queue = ${q} and run_at > created_at`)
+      assert.strictEqual(deferred!.n, 0, "a run was deferred at the cap although an idle conversation could make room")
+      assert.strictEqual(yield* worker.conversationsServed, 2, "the last two conversations are kept")
+      assert.strictEqual(yield* advisoryLocksInNamespace, 2)
+      yield* running.stop
+      yield* eventually("stopping lets the kept conversations go", Effect.map(advisoryLocksInNamespace, (n) => n === 0), 5_000)
+      assert.strictEqual(yield* worker.conversationsServed, 0)
+    }))
+})

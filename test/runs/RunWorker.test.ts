@@ -1,5 +1,6 @@
 import { assert, layer } from "@effect/vitest"
 import { Effect, Layer } from "effect"
+import { PrometheusMetrics } from "effect/observability"
 import { Database } from "../../src/db/Database.ts"
 import { DatabaseError } from "../../src/db/DatabaseError.ts"
 import { InvalidRunsArgument } from "../../src/runs/runErrors.ts"
@@ -96,6 +97,40 @@ layer(TestLayer, { excludeTestServices: true })("RunWorker", (it) => {
       const later = yield* readRun(deferred!.id)
       assert.strictEqual(later.attempts, 0)
       assert.isNull(later.error_message)
+    }))
+
+  it.effect("counts claims, completions, failed attempts, deferrals and the enqueue-to-start latency per queue in /metrics' text", () =>
+    Effect.gen(function*() {
+      const queue = yield* RunsQueue
+      const q = freshQueue("metrics")
+      yield* queue.sendMany([
+        runInput(q, { payload: { kind: "done" } }),
+        runInput(q, { payload: { kind: "done" } }),
+        runInput(q, { payload: { kind: "fail" }, retryDelaySeconds: 3_600 }),
+        runInput(q, { payload: { kind: "defer" } })
+      ])
+      const worker = yield* startWorker({
+        queue: q,
+        handler: ({ run }: RunHandlerInput) =>
+          run.payload["kind"] === "fail"
+            ? Effect.fail(new Error("model refused"))
+            : run.payload["kind"] === "defer"
+            ? Effect.succeed({ _tag: "Defer", delayMs: 3_600_000 } as const)
+            : Effect.void
+      })
+      yield* eventually("all settled", Effect.map(statuses(q), (s) => s["completed"] === 2 && s["pending"] === 2), 10_000)
+      yield* worker.stop
+      const text = yield* PrometheusMetrics.format()
+      const sample = (name: string, labels: string) => {
+        const line = text.split("\n").find((l) => l.startsWith(`${name}{`) && l.includes(labels) && l.includes(`queue="${q}"`))
+        return line === undefined ? undefined : Number(line.slice(line.lastIndexOf(" ") + 1))
+      }
+      assert.strictEqual(sample("runlane_runs_claimed_total", ""), 4)
+      assert.strictEqual(sample("runlane_runs_completed_total", ""), 2)
+      assert.strictEqual(sample("runlane_runs_failed_attempts_total", ""), 1)
+      assert.strictEqual(sample("runlane_runs_deferred_total", `reason="handler"`), 1)
+      assert.strictEqual(sample("runlane_run_start_latency_seconds_count", ""), 4, "every first attempt's start observed")
+      assert.isAtLeast(sample("runlane_run_start_latency_seconds_sum", "")!, 0)
     }))
 
   it.effect("a settle the database refused is retried until the runs are completed", () =>

@@ -33,6 +33,7 @@ export interface ClaimedRunRow {
   readonly run_at: string
   readonly claimed_at: string
   readonly lease_expires_at: string
+  readonly created_at: string
 }
 
 export interface ClaimParameters {
@@ -85,4 +86,4 @@ export const runClaimAvailable = (client: RunsClient, p: ClaimParameters) =>
      where r.id = candidates.id
     returning r.id::text, r.queue, r.organization_id, r.agent_id, r.conversation_id, r.action_input,
               r.priority, r.attempts, r.max_attempts, r.run_at::text, r.claimed_at::text,
-              r.lease_expires_at::text`
+              r.lease_expires_at::text, r.created_at::text`
