@@ -8,7 +8,7 @@ import { NodeRuntime } from "@effect/platform-node"
 import { Effect } from "effect"
 import { BackfillArgumentError, parseBackfillArguments } from "./backfills/backfillArguments.ts"
 import { Backfills } from "./backfills/Backfills.ts"
-import { progressLine } from "./backfills/progressLine.ts"
+import { progressLine } from "./terminal/progressLine.ts"
 import { Migrator } from "./db/Migrator.ts"
 import { serviceDatabaseLayer } from "./db/serviceDatabase.ts"
 

@@ -2,8 +2,9 @@
  * The runlane service as one layer: database (embedded or DATABASE_URL), migrations, services, and
  * the HTTP server on PORT. `main.ts` launches it; tests launch it with extra layers on top.
  *
- * Closing it runs in dependency order: the HTTP server stops accepting and drains (bounded), then
- * conversation locks still held are released, then the pool ends, then the embedded server stops.
+ * Closing it runs in dependency order: the work loop stops (claims nothing new, waits a bounded time for
+ * its handlers, releases the rest), the HTTP server stops accepting and drains (bounded), conversation
+ * locks still held are released, the pool ends, and the embedded server stops.
  */
 import { Config, Context, Effect, Layer, Option, Schema } from "effect"
 import { HttpServer } from "effect/http"
@@ -15,7 +16,10 @@ import { ConversationLocks } from "./locks/ConversationLocks.ts"
 import { loadOrCreateTokenSecret } from "./ownership/generatedTokenSecret.ts"
 import { RunOwnership } from "./ownership/RunOwnership.ts"
 import { tokenSecretVariable, WorkerTokens } from "./ownership/WorkerTokens.ts"
+import { RunRetention } from "./runs/RunRetention.ts"
 import { RunsQueue } from "./runs/RunsQueue.ts"
+import { RunWorker } from "./runs/RunWorker.ts"
+import { serviceWorkerLayer } from "./serviceWorker.ts"
 import { TranscriptSnapshots } from "./snapshots/TranscriptSnapshots.ts"
 
 export const defaultPort = 8787
@@ -74,14 +78,18 @@ const migrated = Layer.effectDiscard(Effect.gen(function*() {
   )
 }))
 
-/** Everything the routes use, over a migrated database; ConversationLocks validates its settings here. */
-export const serviceCoreLayer = Layer.mergeAll(
-  ConversationLocks.layer,
-  RunsQueue.layer,
-  RunOwnership.layer,
-  TranscriptSnapshots.layer,
-  serviceTokensLayer
-).pipe(
+/**
+ * Everything the routes and the work loop use, over a migrated database; ConversationLocks validates
+ * its settings here. RunWorker (the LISTEN connection and the kept conversations) sees the others.
+ */
+export const serviceCoreLayer = Layer.mergeAll(RunWorker.layer, RunRetention.layer).pipe(
+  Layer.provideMerge(Layer.mergeAll(
+    ConversationLocks.layer,
+    RunsQueue.layer,
+    RunOwnership.layer,
+    TranscriptSnapshots.layer,
+    serviceTokensLayer
+  )),
   Layer.provideMerge(Layer.merge(Migrator.layer, migrated.pipe(Layer.provide(Migrator.layer)))),
   Layer.provideMerge(serviceDatabaseLayer)
 )
@@ -103,8 +111,10 @@ export const makeServiceLayer = <E>(extra: Layer.Layer<never, E, Layer.Success<t
   Layer.unwrap(Effect.gen(function*() {
     const port = yield* portConfig
     const host = yield* Config.String("HOST").pipe(Config.withDefault(defaultHost))
-    // Built in this order and closed in reverse: core services, extra, HTTP server, announcement.
+    // Built in this order and closed in reverse: core services, extra, HTTP server, work loop,
+    // announcement. The work loop stops first, while its handlers can still upload over HTTP.
     return announce.pipe(
+      Layer.provideMerge(serviceWorkerLayer),
       Layer.provideMerge(httpServerLayer({ port, host })),
       Layer.provideMerge(extra.pipe(Layer.provideMerge(serviceCoreLayer)))
     )

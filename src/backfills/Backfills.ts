@@ -12,7 +12,7 @@ import { Context, Effect, Layer, Schema } from "effect"
 import type postgres from "postgres"
 import { Database } from "../db/Database.ts"
 import type { DatabaseError } from "../db/DatabaseError.ts"
-import type { Progress } from "./progressLine.ts"
+import type { Progress } from "../terminal/progressLine.ts"
 import { runsLegacyScope } from "./runsLegacyScope.ts"
 
 export interface BatchOutcome {

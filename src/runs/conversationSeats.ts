@@ -5,9 +5,9 @@
  * or at shutdown. The lock cap therefore bounds how many conversations one process serves at once, as
  * the reference system's conversation workers did (they held one for up to an hour).
  *
- * A kept conversation is a cache, not a reservation: when the lock cap refuses a new conversation, the
- * seat idle the longest is let go and the acquire tried once more, so conversations that are done do
- * not keep others waiting for their idle period.
+ * A kept conversation is a cache, not a reservation: when the lock cap is reached, a new conversation
+ * takes the place of the seat idle the longest, so conversations that are done do not keep others
+ * waiting for their idle period.
  *
  * A seat is used by one run at a time. A second run of a conversation that is in use here (another
  * queue of the same conversation) is refused as busy, like a conversation held by another process.
@@ -83,7 +83,14 @@ export const makeConversationSeats = Effect.fnUntraced(function*(locks: Conversa
         kept.idleTimer = undefined
         return Effect.as(timer === undefined ? Effect.void : Fiber.interrupt(timer), kept.lock)
       }
-      return acquireSeat(key).pipe(
+      // At the cap already: make room first rather than be refused (a refusal counts as a cap hit).
+      const makeRoom = Effect.flatMap(locks.localUsage, (usage) => {
+        const idle = usage.held + usage.inFlight + usage.stranded >= usage.cap ? longestIdle() : undefined
+        return idle === undefined ? Effect.void : letGo(idle)
+      })
+      return makeRoom.pipe(
+        Effect.andThen(acquireSeat(key)),
+        // Another taker filled the room in between: one more try after letting the next idle seat go.
         Effect.catchTag("LockCapReached", (refused) => {
           const idle = longestIdle()
           return idle === undefined ? Effect.fail(refused) : Effect.andThen(letGo(idle), acquireSeat(key))

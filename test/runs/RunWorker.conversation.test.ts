@@ -148,6 +148,8 @@ layer(KeepingLayer, { excludeTestServices: true })("RunWorker keeping conversati
       const worker = yield* RunWorker
       const q = freshQueue("evict")
       // Six conversations, one run each: with two seats kept for a minute, runs 3-6 meet the cap.
+      const locks = yield* ConversationLocks
+      const refusedBefore = (yield* locks.localUsage).capReached
       const sent = yield* queue.sendMany(Array.from({ length: 6 }, (_, i) => runInput(q, conversation(40 + i))))
       const running = yield* startWorker({ queue: q, handler: () => Effect.void, concurrency: 1, pollIntervalMs: 50 })
       yield* eventually("every run completed", Effect.map(
@@ -159,6 +161,7 @@ layer(KeepingLayer, { excludeTestServices: true })("RunWorker keeping conversati
       const [deferred] = yield* use("test.deferred", (sql) =>
         sql<Array<{ n: number }>>`select count(*)::int as n from runs where queue = ${q} and run_at > created_at`)
       assert.strictEqual(deferred!.n, 0, "a run was deferred at the cap although an idle conversation could make room")
+      assert.strictEqual((yield* locks.localUsage).capReached - refusedBefore, 0, "room was made before acquiring, not after a refusal")
       assert.strictEqual(yield* worker.conversationsServed, 2, "the last two conversations are kept")
       assert.strictEqual(yield* advisoryLocksInNamespace, 2)
       yield* running.stop

@@ -1,5 +1,5 @@
 /**
- * Pure: the progress line `npm run db:backfill` writes to stderr after each batch.
+ * Pure: the progress line `npm run db:backfill` and `npm run demo` write to stderr as they go.
  */
 
 export interface Progress {
@@ -8,6 +8,8 @@ export interface Progress {
   /** Rows this run expected to look at when it started (the count after the checkpoint). */
   readonly total: number
   readonly elapsedMs: number
+  /** What is counted; "rows" unless told. */
+  readonly unit?: string | undefined
 }
 
 const barWidth = 24
@@ -23,7 +25,7 @@ const duration = (ms: number): string => {
 }
 
 /** e.g. `[##########--------------]  42% 4,200/10,000 rows  1,050 rows/s  5s left`. */
-export const progressLine = ({ done, total, elapsedMs }: Progress): string => {
+export const progressLine = ({ done, total, elapsedMs, unit = "rows" }: Progress): string => {
   // Rows written by an older writer during the run can push `done` past the starting count.
   const shownTotal = Math.max(total, done)
   const fraction = shownTotal === 0 ? 1 : done / shownTotal
@@ -31,5 +33,5 @@ export const progressLine = ({ done, total, elapsedMs }: Progress): string => {
   const rate = elapsedMs > 0 ? (done * 1000) / elapsedMs : 0
   const left = rate > 0 ? duration(((shownTotal - done) / rate) * 1000) : "?"
   return `[${"#".repeat(filled)}${"-".repeat(barWidth - filled)}] ${String(Math.floor(fraction * 100)).padStart(3)}% ` +
-    `${count(done)}/${count(shownTotal)} rows  ${count(rate)} rows/s  ${left} left`
+    `${count(done)}/${count(shownTotal)} ${unit}  ${count(rate)} ${unit}/s  ${left} left`
 }
