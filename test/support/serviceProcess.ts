@@ -21,8 +21,8 @@ export interface ServiceProcess {
   readonly done: () => boolean
 }
 
-export const startService = (entry: string, env: Record<string, string>): ServiceProcess => {
-  const child = spawn(process.execPath, entry.endsWith(".ts") ? ["--import", "tsx", entry] : [entry], {
+export const startService = (entry: string, env: Record<string, string>, args: ReadonlyArray<string> = []): ServiceProcess => {
+  const child = spawn(process.execPath, [...(entry.endsWith(".ts") ? ["--import", "tsx", entry] : [entry]), ...args], {
     cwd: projectRoot,
     env: { PATH: process.env["PATH"] ?? "", HOME: process.env["HOME"] ?? "", ...env },
     stdio: ["ignore", "pipe", "pipe"]
