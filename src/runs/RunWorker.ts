@@ -23,7 +23,7 @@ import { Cause, Config, Context, Deferred, Effect, Exit, Fiber, Layer, Option, Q
 import { Database } from "../db/Database.ts"
 import { DatabaseError } from "../db/DatabaseError.ts"
 import { type ConversationLock, ConversationLocks } from "../locks/ConversationLocks.ts"
-import type { ConversationKey } from "../locks/lockKey.ts"
+import { type ConversationKey, conversationLockHash } from "../locks/lockKey.ts"
 import { WorkerTokens } from "../ownership/WorkerTokens.ts"
 import { TranscriptSnapshots } from "../snapshots/TranscriptSnapshots.ts"
 import { makeConversationSeats } from "./conversationSeats.ts"
@@ -31,7 +31,7 @@ import type { ClaimedRun } from "./claimRuns.ts"
 import { type DeferReason, dispatchMetricsFor } from "./dispatchMetrics.ts"
 import { InvalidRunsArgument } from "./runErrors.ts"
 import { maxDelayMs, RunsQueue } from "./RunsQueue.ts"
-import { runsChannel } from "./runsChannel.ts"
+import { conversationWantedChannel, runsChannel } from "./runsChannel.ts"
 
 /** What a handler gets. */
 export interface RunHandlerInput {
@@ -144,6 +144,23 @@ export class RunWorker extends Context.Service<RunWorker, {
         }),
         (listening) => Effect.promise(() => listening.unlisten()).pipe(Effect.timeoutOption(2_000), Effect.ignore)
       )
+      if (seats !== undefined) {
+        // Requests from other processes for conversations kept here, handled one at a time.
+        const wanted = yield* Queue.sliding<number>(1_000)
+        yield* Effect.forkScoped(Effect.forever(Effect.flatMap(Queue.take(wanted), seats.letGoIfIdle)))
+        yield* Effect.acquireRelease(
+          Effect.tryPromise({
+            try: () => sql.listen(conversationWantedChannel, (payload) => void Queue.offerUnsafe(wanted, Number(payload))),
+            catch: (cause) => DatabaseError.fromCause("RunWorker.listen", cause)
+          }),
+          (listening) => Effect.promise(() => listening.unlisten()).pipe(Effect.timeoutOption(2_000), Effect.ignore)
+        )
+      }
+      /** Asks whichever process keeps `key` idle to let it go; best effort (a lost request costs one more deferral). */
+      const announceWanted = (key: ConversationKey) =>
+        Effect.tryPromise(() => sql`select pg_notify(${conversationWantedChannel}, ${String(conversationLockHash(key))})`).pipe(
+          Effect.ignore
+        )
       const start = <R>(options: RunWorkerOptions<R>) =>
         Effect.gen(function*() {
           const concurrency = options.concurrency ?? workerDefaults.concurrency
@@ -268,7 +285,7 @@ export class RunWorker extends Context.Service<RunWorker, {
             return Effect.matchEffect(seats.take(key), {
               onFailure: (error): Effect.Effect<SeatRefused> =>
                 error._tag === "ConversationBusy"
-                  ? Effect.succeed(new SeatRefused("conversation_busy"))
+                  ? Effect.as(announceWanted(key), new SeatRefused("conversation_busy"))
                   : error._tag === "LockCapReached"
                   ? Effect.succeed(new SeatRefused("lock_cap"))
                   : Effect.logWarning("Conversation lock not taken; the run is deferred", error).pipe(

@@ -9,12 +9,17 @@
  * takes the place of the seat idle the longest, so conversations that are done do not keep others
  * waiting for their idle period.
  *
+ * Across processes, a kept conversation gives way too: a process refused a conversation as busy
+ * announces it (NOTIFY `runlane_conversation_wanted` with the conversation's lock hash, through
+ * `announceWanted`), and every process keeping that conversation idle lets it go (`letGoIfIdle`). The
+ * refused run, deferred by a second, then finds it free instead of waiting out the idle period.
+ *
  * A seat is used by one run at a time. A second run of a conversation that is in use here (another
  * queue of the same conversation) is refused as busy, like a conversation held by another process.
  */
 import { Effect, Exit, Fiber, Scope } from "effect"
 import { type AcquireError, ConversationBusy, type ConversationLock, type ConversationLocks } from "../locks/ConversationLocks.ts"
-import type { ConversationKey } from "../locks/lockKey.ts"
+import { type ConversationKey, conversationLockHash } from "../locks/lockKey.ts"
 
 export interface SeatOptions {
   /** A held conversation with no run for this long is let go. */
@@ -107,7 +112,8 @@ export const makeConversationSeats = Effect.fnUntraced(function*(locks: Conversa
       seat.idleSince = Date.now()
       if ((yield* seat.lock.isLost) || Date.now() - seat.since >= options.maxHoldMs) return yield* letGo(seat)
       seat.idleTimer = yield* Effect.forkIn(
-        Effect.sleep(options.idleMs).pipe(Effect.andThen(Effect.suspend(() => {
+        // Whichever comes first: the idle period, or the session's loss (a dead seat must not count as served).
+        Effect.raceFirst(Effect.sleep(options.idleMs), Effect.asVoid(seat.lock.awaitLost)).pipe(Effect.andThen(Effect.suspend(() => {
           if (seat.inUse) return Effect.void
           // This timer is the fiber letting go: letGo must not interrupt it.
           seat.idleTimer = undefined
@@ -117,6 +123,16 @@ export const makeConversationSeats = Effect.fnUntraced(function*(locks: Conversa
       )
     })
 
+  /** Another process wants the conversation(s) with this lock hash: let go of those kept idle here. */
+  const letGoIfIdle = (hash: number) =>
+    Effect.suspend(() =>
+      Effect.forEach(
+        [...seats.values()].filter((seat) => !seat.inUse && conversationLockHash(seat.key) === hash),
+        letGo,
+        { discard: true }
+      )
+    )
+
   /** Lets go of every conversation not in use (a worker stopping; every one at shutdown, when none is). */
   const letGoIdle = Effect.suspend(() => Effect.forEach([...seats.values()].filter((seat) => !seat.inUse), letGo, { discard: true }))
 
@@ -124,6 +140,7 @@ export const makeConversationSeats = Effect.fnUntraced(function*(locks: Conversa
     take,
     giveBack,
     letGoIdle,
+    letGoIfIdle,
     /** Conversations held right now, in use or idle. */
     served: Effect.sync(() => seats.size)
   }

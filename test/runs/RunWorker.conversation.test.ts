@@ -4,7 +4,7 @@
  * busy conversations deferred without spending an attempt; a lock lost mid-run releases the run.
  */
 import { assert, layer } from "@effect/vitest"
-import { ConfigProvider, Effect, Layer } from "effect"
+import { ConfigProvider, Context, Effect, Layer, Redacted } from "effect"
 import postgres from "postgres"
 import { Database } from "../../src/db/Database.ts"
 import { ConversationLocks } from "../../src/locks/ConversationLocks.ts"
@@ -167,5 +167,52 @@ layer(KeepingLayer, { excludeTestServices: true })("RunWorker keeping conversati
       yield* running.stop
       yield* eventually("stopping lets the kept conversations go", Effect.map(advisoryLocksInNamespace, (n) => n === 0), 5_000)
       assert.strictEqual(yield* worker.conversationsServed, 0)
+    }))
+})
+
+layer(KeepingLayer, { excludeTestServices: true })("RunWorker handing a kept conversation to another process", (it) => {
+  it.effect("a kept conversation whose session dies is let go at once, not at the end of its idle period", () =>
+    Effect.gen(function*() {
+      const queue = yield* RunsQueue
+      const harness = yield* LockHarness
+      const worker = yield* RunWorker
+      const q = freshQueue("kept-dies")
+      const { id } = yield* queue.send(runInput(q, conversation(70)))
+      let pid = 0
+      const running = yield* startWorker({ queue: q, handler: ({ lock }: RunHandlerInput) => Effect.sync(() => void (pid = lock!.backendPid)), pollIntervalMs: 50 })
+      yield* eventually("the run completed", Effect.map(readRun(id), (row) => row.status === "completed"), 10_000)
+      assert.strictEqual(yield* worker.conversationsServed, 1)
+      yield* Effect.promise(() => harness.admin`select pg_terminate_backend(${pid})`)
+      yield* eventually("the dead seat let go", Effect.map(worker.conversationsServed, (n) => n === 0), 5_000)
+      yield* running.stop
+    }))
+
+  it.effect("a conversation kept idle here is let go when another process's worker is refused it as busy", () =>
+    Effect.gen(function*() {
+      const queue = yield* RunsQueue
+      const harness = yield* LockHarness
+      const here = freshQueue("kept-here")
+      const there = freshQueue("wanted-there")
+      const { id: first } = yield* queue.send(runInput(here, conversation(60)))
+      const keeping = yield* startWorker({ queue: here, handler: () => Effect.void, pollIntervalMs: 50 })
+      yield* eventually("the first run completed", Effect.map(readRun(first), (row) => row.status === "completed"), 10_000)
+      assert.strictEqual(yield* (yield* RunWorker).conversationsServed, 1, "kept for a minute after its run")
+
+      // A second stack on the same database: another pool, other sessions, its own seats, as another process.
+      // Layer.fresh: the test's layer already built RunWorker.layer, and building it again would share it.
+      const other = yield* Layer.build(Layer.fresh(RunWorker.layer).pipe(
+        Layer.provideMerge(RunsQueue.layerWith({ leaseMs: 3_000, heartbeatMs: 1_000 })),
+        Layer.provideMerge(ConversationLocks.layerWith({ cap: 2, keepaliveMs: 1_000 })),
+        Layer.provideMerge(Database.layerWith({ url: Redacted.make(harness.url), poolMax: 5 })),
+        Layer.provide(ConfigProvider.layer(ConfigProvider.fromUnknown({ RUNLANE_CONVERSATION_IDLE_MS: "60000" })))
+      ))
+      const { id: second } = yield* Context.get(other, RunsQueue).send(runInput(there, conversation(60)))
+      const handledThere = yield* Effect.sync(() => ({ n: 0 }))
+      yield* Context.get(other, RunWorker).start({ queue: there, handler: () => Effect.sync(() => void handledThere.n++), pollIntervalMs: 50 })
+      // Refused once as busy (deferred by 1 s), then free: well within the minute the conversation was kept for.
+      yield* eventually("the other process ran the conversation's next run", Effect.map(readRun(second), (row) => row.status === "completed"), 10_000)
+      assert.strictEqual(handledThere.n, 1)
+      assert.strictEqual(yield* (yield* RunWorker).conversationsServed, 0, "let go here")
+      yield* keeping.stop
     }))
 })
