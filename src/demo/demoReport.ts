@@ -9,6 +9,8 @@ export interface DemoSummary {
   readonly conversations: number
   /** From the first enqueue to the last run finished. */
   readonly elapsedMs: number
+  /** How long enqueueing every run through the admin API took (the workers start on the first). */
+  readonly enqueuedMs: number
   readonly completed: number
   readonly failed: number
   /** Attempts spent by failures (each one a retry, unless the run ended failed). */
@@ -54,7 +56,7 @@ export const summaryText = (s: DemoSummary): { readonly text: string; readonly o
   const inOrder = s.conversationsOutOfOrder === 0 && s.transcriptProblems.length === 0
   const ok = s.maxInFlightPerConversation <= 1 && inOrder && s.completed === s.runs
   const lines = [
-    `runs:            ${count(s.runs)} over ${count(s.conversations)} conversations on queue "${s.queue}"`,
+    `runs:            ${count(s.runs)} over ${count(s.conversations)} conversations on queue "${s.queue}", enqueued in ${(s.enqueuedMs / 1000).toFixed(1)} s`,
     `finished:        ${count(s.completed)} completed, ${count(s.failed)} failed in ${(s.elapsedMs / 1000).toFixed(1)} s: ${count(rate)} runs/s`,
     `retries:         ${count(s.retries)}`,
     `deferrals:       ${deferrals.length === 0 ? "0" : deferrals.map(([reason, n]) => `${count(n)} ${reason}`).join(", ")}`,

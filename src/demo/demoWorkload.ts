@@ -77,6 +77,7 @@ export const runDemoWorkload = async (
     }
   }))
 
+  const enqueuedMs = Date.now() - started
   let maxInFlight = 0
   for (;;) {
     const [row] = await sql<Array<{ finished: number; in_flight: number }>>`
@@ -130,6 +131,7 @@ export const runDemoWorkload = async (
     runs: options.runs,
     conversations: options.conversations,
     elapsedMs: (finishedAt?.last_ms ?? Date.now()) - started,
+    enqueuedMs,
     completed: totals!.completed,
     failed: totals!.failed,
     retries: totals!.retries,

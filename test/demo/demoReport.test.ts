@@ -11,7 +11,7 @@ const text = [
 ].join("\n")
 
 const summary: DemoSummary = {
-  queue: "demo", runs: 10, conversations: 2, elapsedMs: 2_000, completed: 10, failed: 0, retries: 1,
+  queue: "demo", runs: 10, conversations: 2, elapsedMs: 2_000, enqueuedMs: 500, completed: 10, failed: 0, retries: 1,
   deferrals: { lock_cap: 2, conversation_busy: 0 }, capHits: 2,
   latencyMs: { p50: 10, p90: 20, p99: 30, max: 40 }, maxInFlightPerConversation: 1,
   conversationsOutOfOrder: 0, transcriptProblems: []

@@ -24,7 +24,7 @@ describe("npm run demo", () => {
     const exit = await exitWithin(demo, 120_000)
     const output = demo.output()
     assert.deepStrictEqual(exit, { code: 0, signal: null }, output)
-    assert.match(output, /runs: +120 over 12 conversations on queue "demo"/)
+    assert.match(output, /runs: +120 over 12 conversations on queue "demo", enqueued in [0-9.]+ s/)
     assert.match(output, /finished: +120 completed, 0 failed in [0-9.]+ s: [0-9,]+ runs\/s/)
     assert.match(output, /retries: +3\n/, "runs 40, 80 and 120 each failed their first attempt once")
     assert.match(output, /in flight: +at most 1 run\(s\) of one conversation at once/)
