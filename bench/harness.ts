@@ -35,7 +35,10 @@ export const benchDatabase: Effect.Effect<{ url: string; server: string }, unkno
       dataDir: join(parent, "pgdata"),
       persistent: false,
       database: "postgres",
-      fsync: false
+      fsync: false,
+      // The default of 100 is too few for the conversation dispatch figure: its worker keeps one pinned
+      // connection per conversation (200) in a pool of 216, beside the runs group's two pools of 16.
+      settings: { max_connections: "300" }
     })
     serverUrl = Redacted.value(embedded.url)
     server = "embedded PostgreSQL (fsync off)"

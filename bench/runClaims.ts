@@ -24,13 +24,20 @@ const runsPerRound = { 1: 500, 4: 1_000, 16: 2_000 } as const
 const claimBatch = 10
 const rounds = 5
 
-/** The baseline: one run per claim, as the reference system and most hand-rolled queues do it. */
-const handWrittenWorker = async (raw: postgres.Sql, me: string) => {
+/**
+ * The baseline: one run per claim, as the reference system and most hand-rolled queues do it. Answers
+ * how many claims the conversation index refused: it claims runs of a conversation with no regard to
+ * its other runs, so two of them claimed at once would be a second claimed run of one conversation,
+ * which runs_conversation_claimed_uniq refuses (23505); the loop then simply claims again. Runs without
+ * a conversation (the figures of this file) never meet it.
+ */
+export const handWrittenWorker = async (raw: postgres.Sql, me: string, queue: string = queueName): Promise<number> => {
+  let refused = 0
   for (;;) {
-    const [run] = await raw<Array<{ id: string }>>`
+    const claimed = await raw<Array<{ id: string }>>`
       with next_run as (
         select id from runs
-         where status = 'pending' and queue = ${queueName}
+         where status = 'pending' and queue = ${queue}
            and run_at <= now() and (expires_at is null or expires_at > now())
          order by priority desc, run_at, id
          limit 1
@@ -38,8 +45,16 @@ const handWrittenWorker = async (raw: postgres.Sql, me: string) => {
       )
       update runs r set status = 'claimed', claimed_at = now(), claimed_by = ${me}
         from next_run where r.id = next_run.id
-      returning r.id, r.action_input`
-    if (run === undefined) return
+      returning r.id, r.action_input`.catch((cause: { code?: unknown; constraint_name?: unknown }) => {
+        if (cause.code === "23505" && cause.constraint_name === "runs_conversation_claimed_uniq") return undefined
+        throw cause
+      })
+    if (claimed === undefined) {
+      refused++
+      continue
+    }
+    const [run] = claimed
+    if (run === undefined) return refused
     await raw`
       update runs set status = 'completed', completed_at = now(), claimed_by = null, claimed_at = null
        where id = ${run.id} and status = 'claimed' and claimed_by = ${me}`

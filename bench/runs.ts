@@ -8,6 +8,7 @@ import { Database } from "../src/db/Database.ts"
 import { RunOwnership } from "../src/ownership/RunOwnership.ts"
 import type { SendRunInput } from "../src/runs/runInput.ts"
 import { RunsQueue } from "../src/runs/RunsQueue.ts"
+import { conversationDispatchBenchmarks } from "./conversationDispatch.ts"
 import { type BenchResult, median, now, time } from "./harness.ts"
 import { claimBenchmarks } from "./runClaims.ts"
 
@@ -143,6 +144,7 @@ export const runsBenchmarks = (url: string): Effect.Effect<ReadonlyArray<BenchRe
     }
 
     results.push(...yield* claimBenchmarks(raw))
+    results.push(...yield* conversationDispatchBenchmarks(url, raw))
 
     // verify on a big table.
     yield* database.use("bench.fill", (sql) =>

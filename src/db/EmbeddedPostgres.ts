@@ -41,6 +41,8 @@ export interface EmbeddedPostgresOptions {
    * so this is what keeps them out. Omitted: a random one for this run (throwaway servers).
    */
   readonly password?: Redacted.Redacted<string>
+  /** More server settings, each passed as `-c name=value` at every start (the bench raises max_connections). */
+  readonly settings?: Readonly<Record<string, string>>
 }
 
 export interface EmbeddedServer {
@@ -172,7 +174,8 @@ export const startEmbeddedPostgres = (
           "-c", "listen_addresses=127.0.0.1",
           // TCP only: no socket file, so neither socket-path length nor directory permissions matter.
           "-c", "unix_socket_directories=",
-          ...(options.fsync ? [] : ["-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off"])
+          ...(options.fsync ? [] : ["-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off"]),
+          ...Object.entries(options.settings ?? {}).flatMap(([name, value]) => ["-c", `${name}=${value}`])
         ],
         onLog: (message: string) => {
           log.push(message.trimEnd())
