@@ -39,7 +39,7 @@ export const handWrittenWorker = async (raw: postgres.Sql, me: string, queue: st
         select id from runs
          where status = 'pending' and queue = ${queue}
            and run_at <= now() and (expires_at is null or expires_at > now())
-         order by priority desc, run_at, id
+         order by priority desc nulls last, run_at, id
          limit 1
            for update skip locked
       )

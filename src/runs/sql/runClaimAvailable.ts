@@ -73,7 +73,10 @@ export const runClaimAvailable = (client: RunsClient, p: ClaimParameters) =>
                   and (o.expires_at is null or o.expires_at > clock.now))
            )
          )
-       order by r.priority desc, r.run_at, r.id
+       -- NULLS LAST as runs_claim_idx is built (priority is NOT NULL, so the order is the same): a bare
+       -- DESC means NULLS FIRST, which the index cannot give, and PostgreSQL then reads and sorts every
+       -- pending run of the queue on every claim (7.5 ms at 2,000 pending, 0.4 ms with the index).
+       order by r.priority desc nulls last, r.run_at, r.id
        limit ${p.limit}
          for update of r skip locked
     )

@@ -1,0 +1,49 @@
+/**
+ * The claim's cost must not grow with the backlog: it reads a queue's pending runs in the order of
+ * runs_claim_idx and stops at its limit. Asserted on the plan PostgreSQL chooses for the very statement
+ * RunsQueue runs (runClaimAvailable, prefixed with EXPLAIN), over a backlog of 2,000 pending runs in
+ * 200 conversations. A sort in the plan means every pending run of the queue is read on every claim.
+ */
+import { assert, layer } from "@effect/vitest"
+import { Effect } from "effect"
+import type postgres from "postgres"
+import { Database } from "../../src/db/Database.ts"
+import { RunsQueue } from "../../src/runs/RunsQueue.ts"
+import { runClaimAvailable } from "../../src/runs/sql/runClaimAvailable.ts"
+import type { RunsClient } from "../../src/runs/sql/runsClient.ts"
+import { freshQueue, movableClock, runInput, runsTestLayer } from "../support/runsHarness.ts"
+
+/** A client that runs `EXPLAIN (FORMAT JSON)` of the statement it is given instead of the statement. */
+const explaining = (sql: postgres.Sql) =>
+  ((strings: TemplateStringsArray, ...values: Array<unknown>) => {
+    const prefixed = [`explain (format json) ${strings[0]}`, ...strings.slice(1)]
+    return sql(Object.assign(prefixed, { raw: prefixed }) as unknown as TemplateStringsArray, ...(values as Array<never>))
+  }) as unknown as RunsClient
+
+interface PlanNode {
+  readonly "Node Type": string
+  readonly "Index Name"?: string
+  readonly Plans?: ReadonlyArray<PlanNode>
+}
+
+const nodes = (node: PlanNode): Array<PlanNode> => [node, ...(node.Plans ?? []).flatMap(nodes)]
+
+layer(runsTestLayer(movableClock()), { excludeTestServices: true })("the claim's plan", (it) => {
+  it.effect("reads pending runs in runs_claim_idx order and stops at the limit: no sort of the backlog", () =>
+    Effect.gen(function*() {
+      const queue = yield* RunsQueue
+      const { sql, use } = yield* Database
+      const q = freshQueue("plan")
+      for (let batch = 0; batch < 2; batch++) {
+        yield* queue.sendMany(Array.from({ length: 1_000 }, (_, i) =>
+          runInput(q, { agentId: "a", conversationId: `c-${(batch * 1_000 + i) % 200}` })))
+      }
+      yield* use("test.analyze", (client) => client`analyze runs`)
+      const rows = yield* Effect.promise(() =>
+        runClaimAvailable(explaining(sql), { queue: q, limit: 16, claimant: "plan-test", leaseMs: 60_000, now: null }))
+      const plan = (rows[0] as unknown as { "QUERY PLAN": Array<{ Plan: PlanNode }> })["QUERY PLAN"][0]!.Plan
+      const all = nodes(plan)
+      assert.deepStrictEqual(all.filter((node) => node["Node Type"] === "Sort").length, 0, JSON.stringify(plan, null, 1))
+      assert.isTrue(all.some((node) => node["Index Name"] === "runs_claim_idx"), JSON.stringify(plan, null, 1))
+    }))
+})
