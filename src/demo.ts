@@ -4,7 +4,7 @@
  * Without RUNLANE_URL it starts its own service in this process (as `npm start` would: the database
  * from DATABASE_URL, or an embedded one in a temporary folder removed afterwards) working the queue
  * `demo`. With RUNLANE_URL it drives that service instead, which must work the queue given by
- * `--queue=` (default `default`, what `npm start` works), with RUNLANE_ADMIN_TOKEN its admin token and
+ * `--queue=` (default `demo`, what `npm start` works), with RUNLANE_ADMIN_TOKEN its admin token and
  * DATABASE_URL its database (the audit reads the runs there).
  *
  * Options: --runs=2000 --conversations=200 --work-ms=50 --fail-every=50 (every 50th run fails its
@@ -80,7 +80,7 @@ const program = Effect.gen(function*() {
 
   const url = process.env["RUNLANE_URL"]
   if (url !== undefined && url !== "") {
-    const options = { ...common, baseUrl: url.replace(/\/$/, ""), adminToken: yield* requiredVariable("RUNLANE_ADMIN_TOKEN"), queue: queueArgument ?? "default" }
+    const options = { ...common, baseUrl: url.replace(/\/$/, ""), adminToken: yield* requiredVariable("RUNLANE_ADMIN_TOKEN"), queue: queueArgument ?? "demo" }
     process.stderr.write(`Driving ${options.baseUrl}: ${runs} runs over ${conversations} conversations on queue "${options.queue}"\n`)
     const databaseUrl = yield* requiredVariable("DATABASE_URL")
     const sql = yield* Effect.acquireRelease(

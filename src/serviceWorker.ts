@@ -4,7 +4,8 @@
  *
  * - `RUNLANE_WORKER`: `demo` (default) runs the loop; `off` serves HTTP only (a deployment whose own
  *   workers use the library, or a second API process).
- * - `RUNLANE_WORKER_QUEUE` (default `default`): the queue it works.
+ * - `RUNLANE_WORKER_QUEUE` (default `demo`): the queue it works. Not `default`: a producer's runs in a
+ *   queue of its own are never completed by the demo handler by accident.
  * - `RUNLANE_WORKER_CONCURRENCY` (default 10, 1 to 1,000): runs in flight at once. Conversations kept
  *   between runs count against the lock cap, not against this.
  *
@@ -21,7 +22,7 @@ import { RunWorker, workerDefaults } from "./runs/RunWorker.ts"
  * Stopping waits this long for running handlers (then releases their runs): a third of the 30 s most
  * supervisors allow between SIGTERM and SIGKILL, leaving the HTTP drain and the database stop the rest.
  */
-export const serviceWorkerDefaults = { queue: "default", concurrency: workerDefaults.concurrency, stopTimeoutMs: 10_000 } as const
+export const serviceWorkerDefaults = { queue: "demo", concurrency: workerDefaults.concurrency, stopTimeoutMs: 10_000 } as const
 
 const WorkerMode = Schema.Literals(["demo", "off"])
 

@@ -60,7 +60,9 @@ export const makeDemoHandler = (baseUrl: string) => ({ run, transcript, token }:
         }).then(async (answer) => ({ status: answer.status, body: await answer.text() })),
       catch: (cause) => fail(`transcript upload failed: ${String(cause)}`)
     })
-    if (response.status !== 200) {
+    // 409: this run's snapshot is already stored (first writer wins), so an earlier execution of this
+    // run got as far as its upload (then lost its lock, or its worker stopped): the turn is there.
+    if (response.status !== 200 && response.status !== 409) {
       return yield* fail(`transcript upload answered ${response.status}: ${response.body.slice(0, 200)}`)
     }
   })

@@ -30,7 +30,7 @@ import { makeConversationSeats } from "./conversationSeats.ts"
 import type { ClaimedRun } from "./claimRuns.ts"
 import { type DeferReason, dispatchMetricsFor } from "./dispatchMetrics.ts"
 import { InvalidRunsArgument } from "./runErrors.ts"
-import { maxDelayMs, RunsQueue } from "./RunsQueue.ts"
+import { maxDelayMs, RunsQueue, type SettleOutcome } from "./RunsQueue.ts"
 import { conversationWantedChannel, runsChannel } from "./runsChannel.ts"
 
 /** What a handler gets. */
@@ -81,11 +81,26 @@ const conversationOf = (run: ClaimedRun): ConversationKey | undefined =>
 /** After a failed claim or settle, the loop waits this long before trying again, so an outage is not hammered. */
 const retryAfterErrorMs = 1_000
 
+/**
+ * One claim of a run by this worker, from the claim until its settle commits. A run can be claimed
+ * again by this same process (its lease ran out and a sweep returned it), so everything is keyed by
+ * the claim, not the run id: an old claim's end never frees the new one's slot, and its settle carries
+ * the old claim token, which no longer matches in the database.
+ */
+interface Claim {
+  readonly run: ClaimedRun
+  fiber: Fiber.Fiber<void> | undefined
+  /** Set when the worker interrupts the handler, to say why. */
+  reason: InterruptReason | undefined
+  /** Its settle is queued or running: the heartbeat leaves it out (a heartbeat racing the settle would count it lost). */
+  settling: boolean
+}
+
 type Settle =
-  | { readonly _tag: "Complete"; readonly run: ClaimedRun }
-  | { readonly _tag: "Fail"; readonly run: ClaimedRun; readonly error: string }
-  | { readonly _tag: "Defer"; readonly run: ClaimedRun; readonly delayMs: number; readonly reason: DeferReason }
-  | { readonly _tag: "Release"; readonly run: ClaimedRun }
+  | { readonly _tag: "Complete"; readonly claim: Claim }
+  | { readonly _tag: "Fail"; readonly claim: Claim; readonly error: string }
+  | { readonly _tag: "Defer"; readonly claim: Claim; readonly delayMs: number; readonly reason: DeferReason }
+  | { readonly _tag: "Release"; readonly claim: Claim }
 
 /** The worker's own answer for a run whose conversation it could not take: deferred, no attempt spent. */
 class SeatRefused {
@@ -95,16 +110,29 @@ class SeatRefused {
 /** Why a handler was interrupted: lost and cancelled runs are not settled; stopped ones are released. */
 type InterruptReason = "lost" | "cancelled" | "stop"
 
-/** The error text stored with a failed attempt. */
-const describeFailure = (cause: Cause.Cause<unknown>): string => {
-  const error = Cause.squash(cause)
-  if (error instanceof Error) return `${error.name}: ${error.message}`
-  if (typeof error === "object" && error !== null && "_tag" in error) return String((error as { _tag: unknown })._tag)
-  return String(error)
+/** Text of anything a handler may fail with or answer; never throws (a getter or toString may). */
+const printable = (value: unknown): string => {
+  try {
+    if (value instanceof Error) return `${value.name}: ${value.message}`
+    if (typeof value === "object" && value !== null && "_tag" in value) return String((value as { _tag: unknown })._tag)
+    if (typeof value === "object" && value !== null) return JSON.stringify(value) ?? Object.prototype.toString.call(value)
+    return String(value)
+  } catch {
+    return Object.prototype.toString.call(value)
+  }
 }
+
+/** The error text stored with a failed attempt. */
+const describeFailure = (cause: Cause.Cause<unknown>): string => printable(Cause.squash(cause))
 
 const isDelay = (delayMs: unknown): boolean =>
   typeof delayMs === "number" && Number.isFinite(delayMs) && delayMs >= 0 && delayMs <= maxDelayMs
+
+/**
+ * Runs whose first start this process has observed, so a run deferred or released and started again
+ * is observed once; bounded, oldest forgotten first (a run restarted after 10,000 others may count twice).
+ */
+const observedStartsLimit = 10_000
 
 const checkCount = (argument: string, value: number, min: number, max: number) =>
   Number.isInteger(value) && value >= min && value <= max
@@ -161,6 +189,7 @@ export class RunWorker extends Context.Service<RunWorker, {
         Effect.tryPromise(() => sql`select pg_notify(${conversationWantedChannel}, ${String(conversationLockHash(key))})`).pipe(
           Effect.ignore
         )
+      const observedStarts = new Set<number>()
       const start = <R>(options: RunWorkerOptions<R>) =>
         Effect.gen(function*() {
           const concurrency = options.concurrency ?? workerDefaults.concurrency
@@ -176,82 +205,108 @@ export class RunWorker extends Context.Service<RunWorker, {
           const signal = yield* Queue.sliding<void>(1)
           const settleSignal = yield* Queue.sliding<void>(1)
           const wake = () => void Queue.offerUnsafe(signal, undefined)
-          // Runs this worker holds, from the claim until their settle commits: the slots in use.
-          const inFlight = new Set<number>()
-          const fibers = new Map<number, Fiber.Fiber<void>>()
-          const reasons = new Map<number, InterruptReason>()
+          // This worker's claims by run id, from the claim until their settle commits: the slots in use.
+          const claims = new Map<number, Claim>()
           const pending: Array<Settle> = []
           let stopping = false
           let drained: Deferred.Deferred<void> | undefined
 
-          const freeSlot = (id: number) => {
-            inFlight.delete(id)
-            fibers.delete(id)
-            reasons.delete(id)
-            if (drained !== undefined && inFlight.size === 0) Deferred.doneUnsafe(drained, Effect.void)
+          const freeSlot = (claim: Claim) => {
+            if (claims.get(claim.run.id) !== claim) return
+            claims.delete(claim.run.id)
+            if (drained !== undefined && claims.size === 0) Deferred.doneUnsafe(drained, Effect.void)
             wake()
           }
           const settleLater = (settle: Settle) => {
+            settle.claim.settling = true
             pending.push(settle)
             Queue.offerUnsafe(settleSignal, undefined)
           }
 
-          /** Settles everything finished so far, one statement per kind; retried later if the database fails. */
+          /**
+           * Settles everything finished so far, one statement per kind. A kind whose statement failed is
+           * put back and retried after a pause; the kinds that committed are not run again.
+           */
           // Uninterruptible: a batch taken from `pending` is settled or put back, never dropped.
           const flush = Effect.uninterruptible(Effect.gen(function*() {
             const batch = pending.splice(0)
             if (batch.length === 0) return
             const of = <T extends Settle["_tag"]>(tag: T) => batch.filter((s): s is Extract<Settle, { _tag: T }> => s._tag === tag)
-            const result = yield* Effect.all([
-              queue.completeMany(of("Complete").map((s) => s.run)),
-              queue.failMany(of("Fail").map((s) => ({ run: s.run, error: s.error }))),
-              queue.deferMany(of("Defer").map((s) => ({ run: s.run, delayMs: s.delayMs }))),
-              queue.releaseMany(of("Release").map((s) => s.run))
-            ]).pipe(Effect.exit)
-            if (Exit.isFailure(result)) {
-              pending.unshift(...batch)
-              yield* Effect.logWarning("Run settle failed; retrying", result.cause)
+            const completes = of("Complete")
+            const fails = of("Fail")
+            const defers = of("Defer")
+            const releases = of("Release")
+            const [completed, failed, deferred, released] = yield* Effect.all([
+              Effect.exit(queue.completeMany(completes.map((s) => s.claim.run))),
+              Effect.exit(queue.failMany(fails.map((s) => ({ run: s.claim.run, error: s.error })))),
+              Effect.exit(queue.deferMany(defers.map((s) => ({ run: s.claim.run, delayMs: s.delayMs })))),
+              Effect.exit(queue.releaseMany(releases.map((s) => s.claim.run)))
+            ])
+            const retry: Array<Settle> = []
+            const done = <S extends Settle>(settles: ReadonlyArray<S>, exit: Exit.Exit<SettleOutcome, unknown>) => {
+              if (Exit.isFailure(exit)) {
+                retry.push(...settles)
+                return undefined
+              }
+              // Lost and cancelled runs need nothing more: the database has already decided their fate.
+              for (const settle of settles) freeSlot(settle.claim)
+              return exit.value
+            }
+            const outcomes = [done(completes, completed), done(fails, failed), done(defers, deferred), done(releases, released)]
+            const [c, f, d, r] = outcomes
+            const deferredIds = new Set(d?.settled ?? [])
+            yield* Effect.all([
+              metrics.completed(c?.settled.length ?? 0),
+              metrics.failedAttempts(f?.settled.length ?? 0),
+              metrics.released(r?.settled.length ?? 0),
+              Effect.forEach(defers.filter((s) => deferredIds.has(s.claim.run.id)), (s) => metrics.deferred(s.reason, 1)),
+              metrics.lost(outcomes.reduce((n, outcome) => n + (outcome?.lost.length ?? 0), 0)),
+              metrics.cancelled(outcomes.reduce((n, outcome) => n + (outcome?.cancelled.length ?? 0), 0))
+            ], { discard: true })
+            if (retry.length > 0) {
+              pending.unshift(...retry)
+              const failure = [completed, failed, deferred, released].find(Exit.isFailure)
+              yield* Effect.logWarning("Run settle failed; retrying", failure?.cause)
               yield* Effect.sleep(retryAfterErrorMs)
               // Nothing else may signal: the batch is retried on its own.
-              return void Queue.offerUnsafe(settleSignal, undefined)
+              Queue.offerUnsafe(settleSignal, undefined)
             }
-            const [completed, failed, deferred, released] = result.value
-            const deferredIds = new Set(deferred.settled)
-            yield* Effect.all([
-              metrics.completed(completed.settled.length),
-              metrics.failedAttempts(failed.settled.length),
-              metrics.released(released.settled.length),
-              Effect.forEach(of("Defer").filter((s) => deferredIds.has(s.run.id)), (s) => metrics.deferred(s.reason, 1)),
-              metrics.lost(result.value.reduce((n, outcome) => n + outcome.lost.length, 0)),
-              metrics.cancelled(result.value.reduce((n, outcome) => n + outcome.cancelled.length, 0))
-            ], { discard: true })
-            // Lost and cancelled runs need nothing more: the database has already decided their fate.
-            for (const settle of batch) freeSlot(settle.run.id)
           }))
 
-          const settleExit = (run: ClaimedRun, exit: Exit.Exit<HandlerOutcome | SeatRefused, unknown>) =>
-            Effect.sync(() => {
-              const reason = reasons.get(run.id)
+          const settleExit = (claim: Claim, exit: Exit.Exit<HandlerOutcome | SeatRefused, unknown>) =>
+            Effect.suspend(() => {
+              const { run, reason } = claim
               if (Exit.isSuccess(exit)) {
-                const outcome = exit.value
+                const outcome: unknown = exit.value
                 if (outcome instanceof SeatRefused) {
-                  settleLater({ _tag: "Defer", run, delayMs: conversationDefaults.busyDeferMs, reason: outcome.reason })
-                } else if (outcome === undefined) settleLater({ _tag: "Complete", run })
-                else if (outcome._tag === "Release") settleLater({ _tag: "Release", run })
-                else if (outcome._tag === "Defer" && isDelay(outcome.delayMs)) {
-                  settleLater({ _tag: "Defer", run, delayMs: outcome.delayMs, reason: "handler" })
+                  settleLater({ _tag: "Defer", claim, delayMs: conversationDefaults.busyDeferMs, reason: outcome.reason })
+                } else if (outcome === undefined) {
+                  settleLater({ _tag: "Complete", claim })
+                } else if (typeof outcome === "object" && outcome !== null && "_tag" in outcome && outcome._tag === "Release") {
+                  settleLater({ _tag: "Release", claim })
+                } else if (
+                  typeof outcome === "object" && outcome !== null && "_tag" in outcome && outcome._tag === "Defer" &&
+                  "delayMs" in outcome && isDelay(outcome.delayMs)
+                ) {
+                  settleLater({ _tag: "Defer", claim, delayMs: outcome.delayMs as number, reason: "handler" })
                 } else {
-                  // A bad delay would make deferMany refuse the whole batch, so it fails this run alone.
-                  const answer = JSON.stringify(outcome)
-                  settleLater({ _tag: "Fail", run, error: `the handler answered ${answer}: not void, Release, or Defer of 0 ms to a year` })
+                  // A bad answer would make the batch statement refuse every run in it, so it fails this run alone.
+                  settleLater({
+                    _tag: "Fail",
+                    claim,
+                    error: `the handler answered ${printable(outcome)}: not void, Release, or Defer of 0 ms to a year`
+                  })
                 }
-              } else if (reason === "lost" || reason === "cancelled") {
-                freeSlot(run.id)
-              } else if (reason === "stop" || Cause.hasInterruptsOnly(exit.cause)) {
-                settleLater({ _tag: "Release", run })
-              } else {
-                settleLater({ _tag: "Fail", run, error: describeFailure(exit.cause) })
+                return Effect.void
               }
+              if (reason === "lost" || reason === "cancelled") return Effect.sync(() => freeSlot(claim))
+              if (reason === "stop") return Effect.sync(() => settleLater({ _tag: "Release", claim }))
+              // The handler's own failure, defect or interruption (not the worker's): an attempt, by the retry rules.
+              const error = Cause.hasInterruptsOnly(exit.cause) ? "the handler was interrupted" : describeFailure(exit.cause)
+              settleLater({ _tag: "Fail", claim, error })
+              return Cause.hasDies(exit.cause)
+                ? Effect.logError("Run handler died; the attempt fails", { runId: run.id, attempt: run.attempts + 1 }, exit.cause)
+                : Effect.logWarning("Run handler failed; the attempt fails", { runId: run.id, attempt: run.attempts + 1, error })
             })
 
           /** The handler under `lock`: a loss interrupts it and the run is released, never completed. */
@@ -265,52 +320,57 @@ export class RunWorker extends Context.Service<RunWorker, {
               const token = key !== undefined && key.agentId !== "" && Option.isSome(tokens)
                 ? yield* tokens.value.mintRunToken(key, run.id)
                 : undefined
-              // First attempts only: a retry's wait includes its backoff (dispatchMetrics.ts).
-              if (run.attempts === 0) yield* metrics.started(Math.max(0, Date.now() - run.createdAt.getTime()) / 1000)
+              if (run.attempts === 0 && !observedStarts.has(run.id)) {
+                observedStarts.add(run.id)
+                if (observedStarts.size > observedStartsLimit) observedStarts.delete(observedStarts.values().next().value!)
+                yield* metrics.started(Math.max(0, Date.now() - run.createdAt.getTime()) / 1000)
+              }
               const handler = options.handler({ run, lock, transcript, token })
               if (lock === undefined) return yield* handler
-              return yield* Effect.raceFirst(
-                handler,
-                lock.awaitLost.pipe(
-                  Effect.tap((loss) => Effect.logWarning("Conversation lock lost mid-run; the run is released", loss)),
-                  Effect.as<HandlerOutcome>({ _tag: "Release" })
-                )
+              const lost = lock.awaitLost.pipe(
+                Effect.tap((loss) => Effect.logWarning("Conversation lock lost mid-run; the run is released", loss)),
+                Effect.as<HandlerOutcome>({ _tag: "Release" })
               )
+              // A loss seen while hydrating: the handler never starts. Otherwise the loss is raced first,
+              // since raceFirst starts its first effect first and a handler may do its work synchronously.
+              if (yield* lock.isLost) return yield* lost
+              return yield* Effect.raceFirst(lost, handler)
             })
 
           /** A run with a conversation takes the conversation's seat first; busy or at the cap, it is deferred. */
-          const withConversation = (run: ClaimedRun) => {
+          const withConversation = (run: ClaimedRun): Effect.Effect<HandlerOutcome | SeatRefused, unknown, R> => {
             const key = conversationOf(run)
             if (key === undefined || seats === undefined) return work(run, key, undefined)
-            return Effect.matchEffect(seats.take(key), {
-              onFailure: (error): Effect.Effect<SeatRefused> =>
-                error._tag === "ConversationBusy"
-                  ? Effect.as(announceWanted(key), new SeatRefused("conversation_busy"))
-                  : error._tag === "LockCapReached"
-                  ? Effect.succeed(new SeatRefused("lock_cap"))
-                  : Effect.logWarning("Conversation lock not taken; the run is deferred", error).pipe(
-                    Effect.as(new SeatRefused("lock_error"))
-                  ),
-              onSuccess: (lock): Effect.Effect<HandlerOutcome | SeatRefused, unknown, R> =>
-                work(run, key, lock).pipe(Effect.ensuring(seats.giveBack(key)))
-            })
+            return seats.withSeat(key, (lock) => Effect.exit(work(run, key, lock))).pipe(
+              Effect.matchEffect({
+                onFailure: (error): Effect.Effect<SeatRefused> =>
+                  error._tag === "ConversationBusy"
+                    ? Effect.as(announceWanted(key), new SeatRefused("conversation_busy"))
+                    : error._tag === "LockCapReached"
+                    ? Effect.succeed(new SeatRefused("lock_cap"))
+                    : Effect.logWarning("Conversation lock not taken; the run is deferred", error).pipe(
+                      Effect.as(new SeatRefused("lock_error"))
+                    ),
+                // The handler's own exit, failure or not, as it was.
+                onSuccess: (exit) => exit
+              })
+            )
           }
 
           // onExit runs on interruption too; the fiber's own failure has been turned into a settle.
-          const handle = (run: ClaimedRun) =>
-            withConversation(run).pipe(Effect.onExit((exit) => settleExit(run, exit)), Effect.exit, Effect.asVoid)
+          const handle = (claim: Claim) =>
+            withConversation(claim.run).pipe(Effect.onExit((exit) => settleExit(claim, exit)), Effect.exit, Effect.asVoid)
 
-          const interrupt = (ids: ReadonlyArray<number>, reason: InterruptReason) =>
-            Effect.forEach(ids, (id) => {
-              const fiber = fibers.get(id)
-              if (fiber === undefined) return Effect.void
-              reasons.set(id, reason)
-              return Fiber.interrupt(fiber)
+          const interrupt = (targets: ReadonlyArray<Claim>, reason: InterruptReason) =>
+            Effect.forEach(targets, (claim) => {
+              if (claim.fiber === undefined || claim.reason !== undefined) return Effect.void
+              claim.reason = reason
+              return Fiber.interrupt(claim.fiber)
             }, { discard: true })
 
           const producer = Effect.gen(function*() {
             while (!stopping) {
-              const free = concurrency - inFlight.size
+              const free = concurrency - claims.size
               let claimed = 0
               if (free > 0) {
                 // Uninterruptible: a claim whose answer were dropped would leave its runs claimed until
@@ -322,10 +382,19 @@ export class RunWorker extends Context.Service<RunWorker, {
                 )
                 yield* metrics.claimed(runs.length)
                 for (const run of runs) {
+                  // Claimed again by this process (its lease ran out and a sweep returned it): the old
+                  // handler is a stale claim's, so it is stopped before the new claim starts.
+                  const stale = claims.get(run.id)
+                  if (stale !== undefined) {
+                    yield* Effect.logWarning("Run claimed again after its lease ran out; its earlier handler is interrupted", { runId: run.id })
+                    yield* interrupt([stale], "lost")
+                    freeSlot(stale)
+                  }
+                  const claim: Claim = { run, fiber: undefined, reason: undefined, settling: false }
                   // The slot is taken before the fork, so a handler that ends at once cannot free it first.
-                  inFlight.add(run.id)
-                  const fiber = yield* Effect.forkIn(handle(run), scope)
-                  if (inFlight.has(run.id)) fibers.set(run.id, fiber)
+                  claims.set(run.id, claim)
+                  const fiber = yield* Effect.forkIn(handle(claim), scope)
+                  if (claims.get(run.id) === claim) claim.fiber = fiber
                 }
                 claimed = runs.length
               }
@@ -339,13 +408,18 @@ export class RunWorker extends Context.Service<RunWorker, {
           const heartbeat = Effect.gen(function*() {
             for (;;) {
               yield* Effect.sleep(queue.config.heartbeatMs)
-              const ids = [...inFlight.keys()].filter((id) => !reasons.has(id))
-              const outcome = yield* queue.heartbeatMany(ids.map((id) => ({ id }))).pipe(Effect.exit)
+              // Runs being settled are left out: the settle decides their fate, and a heartbeat behind it
+              // would find them gone and count them lost.
+              const beating = [...claims.values()].filter((claim) => claim.reason === undefined && !claim.settling)
+              const outcome = yield* queue.heartbeatMany(beating.map((claim) => claim.run)).pipe(Effect.exit)
               if (Exit.isSuccess(outcome)) {
-                yield* metrics.lost(outcome.value.lost.length)
-                yield* metrics.cancelled(outcome.value.cancelled.length)
-                yield* interrupt(outcome.value.lost, "lost")
-                yield* interrupt(outcome.value.cancelled, "cancelled")
+                const byId = new Map(beating.map((claim) => [claim.run.id, claim]))
+                const lost = outcome.value.lost.map((id) => byId.get(id)!).filter((claim) => !claim.settling)
+                const cancelled = outcome.value.cancelled.map((id) => byId.get(id)!)
+                yield* metrics.lost(lost.length)
+                yield* metrics.cancelled(cancelled.length)
+                yield* interrupt(lost, "lost")
+                yield* interrupt(cancelled, "cancelled")
               } else {
                 yield* Effect.logWarning("Run heartbeat failed", outcome.cause)
               }
@@ -366,16 +440,17 @@ export class RunWorker extends Context.Service<RunWorker, {
             wake()
             yield* Fiber.join(producerFiber).pipe(Effect.ignore)
             drained = yield* Deferred.make<void>()
-            if (inFlight.size > 0) {
+            if (claims.size > 0) {
               yield* Deferred.await(drained).pipe(Effect.timeoutOption(stopTimeoutMs))
-              yield* interrupt([...inFlight.keys()].filter((id) => !reasons.has(id)), "stop")
+              yield* interrupt([...claims.values()], "stop")
             }
             yield* Fiber.interrupt(settlerFiber)
             yield* Fiber.interrupt(heartbeatFiber)
             // The settler may have been interrupted mid-flush; whatever it had not settled is pending again.
             for (let round = 0; pending.length > 0 && round < 3; round++) yield* flush
             yield* Scope.close(scope, Exit.void)
-            // Last, once its runs are settled: the conversations this worker was keeping.
+            // Last, once its runs are settled: the conversations kept idle (a seat another worker of this
+            // process is using is not let go).
             if (seats !== undefined) yield* seats.letGoIdle
           })
           yield* Effect.addFinalizer(() => stop)

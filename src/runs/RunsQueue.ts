@@ -218,28 +218,39 @@ const make = Effect.fnUntraced(function*(database: Database["Service"], config: 
       ? Effect.fail(new InvalidRunsArgument({ argument: "runs", message: `at most ${maxClaimBatch} runs per call, got ${runs.length}` }))
       : f(runs)
 
-  const idsOf = (runs: ReadonlyArray<RunRef>) => runs.map((run) => run.id)
+  /** The ids and claim tokens a guarded statement binds. */
+  const claimsOf = (runs: ReadonlyArray<RunRef>) => ({
+    ids: runs.map((run) => run.id),
+    claimTokens: runs.map((run) => run.claimToken ?? null)
+  })
 
-  const heartbeatIds = (ids: ReadonlyArray<number>) =>
-    settle("heartbeat", ids, () => runHeartbeatIfOwnedMany(sql, { ids, claimant: claimantId, leaseMs: config.leaseMs, now: now() }))
-  const completeIds = (ids: ReadonlyArray<number>) =>
-    settle("complete", ids, () => runCompleteIfOwnedMany(sql, { ids, claimant: claimantId, now: now() }))
-  const releaseIds = (ids: ReadonlyArray<number>) =>
-    settle("release", ids, () => runReleaseIfOwnedMany(sql, { ids, claimant: claimantId, now: now() }))
+  const heartbeatRuns = (runs: ReadonlyArray<RunRef>) => {
+    const claims = claimsOf(runs)
+    return settle("heartbeat", claims.ids, () =>
+      runHeartbeatIfOwnedMany(sql, { ...claims, claimant: claimantId, leaseMs: config.leaseMs, now: now() }))
+  }
+  const completeRuns = (runs: ReadonlyArray<RunRef>) => {
+    const claims = claimsOf(runs)
+    return settle("complete", claims.ids, () => runCompleteIfOwnedMany(sql, { ...claims, claimant: claimantId, now: now() }))
+  }
+  const releaseRuns = (runs: ReadonlyArray<RunRef>) => {
+    const claims = claimsOf(runs)
+    return settle("release", claims.ids, () => runReleaseIfOwnedMany(sql, { ...claims, claimant: claimantId, now: now() }))
+  }
   const failRuns = (runs: ReadonlyArray<{ readonly run: RunRef; readonly error: string }>) => {
-    const ids = runs.map((entry) => entry.run.id)
+    const claims = claimsOf(runs.map((entry) => entry.run))
     // PostgreSQL text cannot hold U+0000; an error message is diagnostics, so it is cleaned, not refused.
     const messages = runs.map((entry) => String(entry.error).replaceAll("\u0000", "\uFFFD"))
-    return settle("fail", ids, () => runFailIfOwnedMany(sql, { ids, messages, claimant: claimantId, now: now() }))
+    return settle("fail", claims.ids, () => runFailIfOwnedMany(sql, { ...claims, messages, claimant: claimantId, now: now() }))
   }
   const deferRuns = (runs: ReadonlyArray<{ readonly run: RunRef; readonly delayMs: number }>): Many => {
     const bad = runs.findIndex((entry) => !isDelay(entry.delayMs))
     if (bad >= 0) {
       return Effect.fail(new InvalidRunsArgument({ argument: `delayMs of run ${bad}`, message: "must be a number of milliseconds from 0 to a year" }))
     }
-    const ids = runs.map((entry) => entry.run.id)
+    const claims = claimsOf(runs.map((entry) => entry.run))
     const delaysMs = runs.map((entry) => entry.delayMs)
-    return settle("defer", ids, () => runDeferIfOwnedMany(sql, { ids, delaysMs, claimant: claimantId, now: now() }))
+    return settle("defer", claims.ids, () => runDeferIfOwnedMany(sql, { ...claims, delaysMs, claimant: claimantId, now: now() }))
   }
 
   const cancel = Effect.fn("RunsQueue.cancel")(function*(runId: number) {
@@ -317,16 +328,16 @@ const make = Effect.fnUntraced(function*(database: Database["Service"], config: 
     send,
     sendMany,
     claim,
-    heartbeat: (run) => one("heartbeat", run.id, heartbeatIds([run.id])),
-    heartbeatMany: (runs) => many(runs, (batch) => heartbeatIds(idsOf(batch))),
-    complete: (run) => one("complete", run.id, completeIds([run.id])),
-    completeMany: (runs) => many(runs, (batch) => completeIds(idsOf(batch))),
+    heartbeat: (run) => one("heartbeat", run.id, heartbeatRuns([run])),
+    heartbeatMany: (runs) => many(runs, heartbeatRuns),
+    complete: (run) => one("complete", run.id, completeRuns([run])),
+    completeMany: (runs) => many(runs, completeRuns),
     fail: (run, error) => one("fail", run.id, failRuns([{ run, error }])),
     failMany: (runs) => many(runs, failRuns),
     defer: (run, delayMs) => one("defer", run.id, deferRuns([{ run, delayMs }])),
     deferMany: (runs) => Effect.suspend(() => many(runs, deferRuns)),
-    release: (run) => one("release", run.id, releaseIds([run.id])),
-    releaseMany: (runs) => many(runs, (batch) => releaseIds(idsOf(batch))),
+    release: (run) => one("release", run.id, releaseRuns([run])),
+    releaseMany: (runs) => many(runs, releaseRuns),
     get,
     cancel,
     sweep,

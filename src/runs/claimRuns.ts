@@ -23,6 +23,8 @@ export interface ClaimedRun {
   readonly leaseExpiresAt: Date
   /** When the run was enqueued. */
   readonly createdAt: Date
+  /** This claim (a UUID made by the claim), as settles and heartbeats check it. */
+  readonly claimToken: string
 }
 
 /**
@@ -53,7 +55,8 @@ const toClaimedRun = (row: ClaimedRunRow): ClaimedRun => ({
   runAt: new Date(row.run_at),
   claimedAt: new Date(row.claimed_at),
   leaseExpiresAt: new Date(row.lease_expires_at),
-  createdAt: new Date(row.created_at)
+  createdAt: new Date(row.created_at),
+  claimToken: row.claim_id
 })
 
 /** UPDATE ... RETURNING answers in no particular order; callers get the claim order. */

@@ -46,9 +46,15 @@ export const makeConversationSeats = Effect.fnUntraced(function*(locks: Conversa
   // Idle timers live as long as the seats do; closing this scope (at shutdown) stops them.
   const timers = yield* Effect.acquireRelease(Scope.make(), (scope) => Scope.close(scope, Exit.void))
 
+  /**
+   * Lets a seat go, unless it is in use: whoever calls this may have picked the seat before a wait
+   * (another seat's unlock), during which a run may have taken it. Off the map at once, so no run
+   * takes it while its lock is being released.
+   */
   const letGo = (seat: Seat) =>
     Effect.suspend(() => {
-      if (seats.get(seatId(seat.key)) === seat) seats.delete(seatId(seat.key))
+      if (seat.inUse || seats.get(seatId(seat.key)) !== seat) return Effect.void
+      seats.delete(seatId(seat.key))
       const timer = seat.idleTimer
       seat.idleTimer = undefined
       return Effect.andThen(timer === undefined ? Effect.void : Fiber.interrupt(timer), Scope.close(seat.scope, Exit.void))
@@ -62,52 +68,9 @@ export const makeConversationSeats = Effect.fnUntraced(function*(locks: Conversa
     return found
   }
 
-  const acquireSeat = (key: ConversationKey): Effect.Effect<ConversationLock, AcquireError> =>
-    Effect.uninterruptibleMask((restore) =>
-      Effect.gen(function*() {
-        const scope = yield* Scope.make()
-        const exit = yield* Effect.exit(restore(locks.acquire(key)).pipe(Scope.provide(scope)))
-        if (Exit.isFailure(exit)) {
-          yield* Scope.close(scope, Exit.void)
-          return yield* exit
-        }
-        const seat: Seat = { key, lock: exit.value, scope, since: Date.now(), inUse: true, idleSince: 0, idleTimer: undefined }
-        seats.set(seatId(key), seat)
-        return exit.value
-      })
-    )
-
-  /** The conversation's held lock for one run: the seat kept from its last run, or a newly acquired one. */
-  const take = (key: ConversationKey): Effect.Effect<ConversationLock, AcquireError> =>
-    Effect.suspend(() => {
-      const kept = seats.get(seatId(key))
-      if (kept !== undefined) {
-        if (kept.inUse) return Effect.fail(new ConversationBusy(key))
-        kept.inUse = true
-        const timer = kept.idleTimer
-        kept.idleTimer = undefined
-        return Effect.as(timer === undefined ? Effect.void : Fiber.interrupt(timer), kept.lock)
-      }
-      // At the cap already: make room first rather than be refused (a refusal counts as a cap hit).
-      const makeRoom = Effect.flatMap(locks.localUsage, (usage) => {
-        const idle = usage.held + usage.inFlight + usage.stranded >= usage.cap ? longestIdle() : undefined
-        return idle === undefined ? Effect.void : letGo(idle)
-      })
-      return makeRoom.pipe(
-        Effect.andThen(acquireSeat(key)),
-        // Another taker filled the room in between: one more try after letting the next idle seat go.
-        Effect.catchTag("LockCapReached", (refused) => {
-          const idle = longestIdle()
-          return idle === undefined ? Effect.fail(refused) : Effect.andThen(letGo(idle), acquireSeat(key))
-        })
-      )
-    })
-
   /** After a run: keep the conversation for its next run, or let it go (lost, held long enough). */
-  const giveBack = (key: ConversationKey) =>
+  const giveBack = (seat: Seat) =>
     Effect.gen(function*() {
-      const seat = seats.get(seatId(key))
-      if (seat === undefined) return
       seat.inUse = false
       seat.idleSince = Date.now()
       if ((yield* seat.lock.isLost) || Date.now() - seat.since >= options.maxHoldMs) return yield* letGo(seat)
@@ -123,6 +86,53 @@ export const makeConversationSeats = Effect.fnUntraced(function*(locks: Conversa
       )
     })
 
+  /**
+   * Runs `use` with the conversation's lock held: the seat kept from its last run, or a newly acquired
+   * lock (at the cap, after letting go of the seat idle longest). Only the acquire can be interrupted;
+   * once the seat is taken, giving it back is guaranteed, so a seat can never stay "in use" for ever.
+   */
+  const withSeat = <A, E, R>(
+    key: ConversationKey,
+    use: (lock: ConversationLock) => Effect.Effect<A, E, R>
+  ): Effect.Effect<A, E | AcquireError, R> =>
+    Effect.uninterruptibleMask((restore) =>
+      Effect.gen(function*() {
+        const acquireSeat = Effect.gen(function*() {
+          const scope = yield* Scope.make()
+          const exit = yield* Effect.exit(restore(locks.acquire(key)).pipe(Scope.provide(scope)))
+          if (Exit.isFailure(exit)) {
+            yield* Scope.close(scope, Exit.void)
+            return yield* Effect.failCause(exit.cause)
+          }
+          const seat: Seat = { key, lock: exit.value, scope, since: Date.now(), inUse: true, idleSince: 0, idleTimer: undefined }
+          seats.set(seatId(key), seat)
+          return seat
+        })
+        let seat = seats.get(seatId(key))
+        if (seat !== undefined) {
+          if (seat.inUse) return yield* new ConversationBusy(key)
+          seat.inUse = true
+          const timer = seat.idleTimer
+          seat.idleTimer = undefined
+          if (timer !== undefined) yield* Fiber.interrupt(timer)
+        } else {
+          // At the cap already: make room first rather than be refused (a refusal counts as a cap hit).
+          const usage = yield* locks.localUsage
+          const idle = usage.held + usage.inFlight + usage.stranded >= usage.cap ? longestIdle() : undefined
+          if (idle !== undefined) yield* letGo(idle)
+          seat = yield* acquireSeat.pipe(
+            // Another taker filled the room in between: one more try after letting the next idle seat go.
+            Effect.catchTag("LockCapReached", (refused) => {
+              const next = longestIdle()
+              return next === undefined ? Effect.fail(refused) : Effect.andThen(letGo(next), acquireSeat)
+            })
+          )
+        }
+        const taken = seat
+        return yield* restore(use(taken.lock)).pipe(Effect.ensuring(giveBack(taken)))
+      })
+    )
+
   /** Another process wants the conversation(s) with this lock hash: let go of those kept idle here. */
   const letGoIfIdle = (hash: number) =>
     Effect.suspend(() =>
@@ -137,8 +147,7 @@ export const makeConversationSeats = Effect.fnUntraced(function*(locks: Conversa
   const letGoIdle = Effect.suspend(() => Effect.forEach([...seats.values()].filter((seat) => !seat.inUse), letGo, { discard: true }))
 
   return {
-    take,
-    giveBack,
+    withSeat,
     letGoIdle,
     letGoIfIdle,
     /** Conversations held right now, in use or idle. */

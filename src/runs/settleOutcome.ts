@@ -3,9 +3,13 @@
  * cancellation was pending, and which were no longer this claimant's (the statement did not return them).
  */
 
-/** A claimed run as the settles need it: its id. A ClaimedRun is one. */
+/**
+ * A claimed run as the settles need it: its id and, to settle only that claim, its claim token. A
+ * ClaimedRun is one. Without a token any claim of this claimant's matches (a run known only by id).
+ */
 export interface RunRef {
   readonly id: number
+  readonly claimToken?: string | undefined
 }
 
 export interface SettleOutcome {

@@ -14,7 +14,7 @@
  * 0002_runs_legacy_scope_index, so it is not declared here (drizzle-kit would build it in a transaction).
  */
 import { sql } from "drizzle-orm"
-import { bigint, boolean, check, index, integer, jsonb, pgTable, text, timestamp, uniqueIndex } from "drizzle-orm/pg-core"
+import { bigint, boolean, check, index, integer, jsonb, pgTable, text, timestamp, uniqueIndex, uuid } from "drizzle-orm/pg-core"
 
 export const runStatuses = ["pending", "claimed", "completed", "failed", "cancelled"] as const
 export type RunStatus = (typeof runStatuses)[number]
@@ -47,6 +47,9 @@ export const runs = pgTable(
     idempotencyKey: text("idempotency_key"),
     claimedBy: text("claimed_by"),
     claimedAt: timestamptz("claimed_at"),
+    // One claim of the run (a fresh UUID per claim): settles and heartbeats name the claim they are for,
+    // so one meant for an earlier claim of the same worker process matches nothing.
+    claimId: uuid("claim_id"),
     // The claim is the sweep's to take back after this instant; a heartbeat moves it on.
     leaseExpiresAt: timestamptz("lease_expires_at"),
     // Set by cancel() on a claimed run: its worker's next heartbeat or settle ends it `cancelled`.

@@ -1,5 +1,5 @@
 /**
- * `npm start` is an orchestrator: the built service works the `default` queue with the demo handler,
+ * `npm start` is an orchestrator: the built service works the `demo` queue with the demo handler,
  * which hydrates from the conversation's transcript, appends its turn and uploads it through the HTTP
  * API with the run's token. Driven here through the HTTP API only, as an operator would.
  */
@@ -28,7 +28,7 @@ const eventually = async (what: string, check: () => Promise<boolean>, timeoutMs
 }
 
 describe("npm start's work loop", () => {
-  it("works the default queue with the demo handler: each conversation's turns uploaded in enqueue order, a retry counted, exit 0 with nothing claimed", async () => {
+  it("works the demo queue with the demo handler: each conversation's turns uploaded in enqueue order, a retry counted, exit 0 with nothing claimed", async () => {
     const service = startService(builtEntry, {
       DATABASE_URL: database.url,
       RUNLANE_TOKEN_SECRET: "a-process-test-secret-of-32-bytes-or-more",
@@ -36,7 +36,7 @@ describe("npm start's work loop", () => {
       PORT: "0"
     })
     const [, baseUrl] = await service.waitFor(/runlane listening on (http:\/\/[0-9.:]+)/, 60_000)
-    await service.waitFor(/Run worker: the demo handler works queue "default"/)
+    await service.waitFor(/Run worker: the demo handler works queue "demo"/)
     const admin = (method: string, path: string, body?: unknown) =>
       fetch(`${baseUrl}${path}`, {
         method,
@@ -50,7 +50,7 @@ describe("npm start's work loop", () => {
       for (const conversation of ["a", "b"]) {
         const payload = { workMs: 5, ...(conversation === "a" && turn === 1 ? { failAttempts: 1 } : {}) }
         const answer = await admin("POST", "/v1/runs", {
-          queue: "default", organizationId: "org", agentId: "agent", conversationId: conversation, payload
+          queue: "demo", organizationId: "org", agentId: "agent", conversationId: conversation, payload
         })
         assert.strictEqual(answer.status, 200, JSON.stringify(answer.json))
         ids.push({ id: answer.json["id"] as number, conversation })
@@ -79,9 +79,9 @@ describe("npm start's work loop", () => {
     }
 
     const metrics = await fetch(`${baseUrl}/metrics`).then((response) => response.text())
-    assert.match(metrics, /^runlane_runs_completed_total\{queue="default"\} 8$/m)
-    assert.match(metrics, /^runlane_runs_failed_attempts_total\{queue="default"\} 1$/m)
-    assert.match(metrics, /^runlane_run_start_latency_seconds_count\{queue="default"\} 8$/m)
+    assert.match(metrics, /^runlane_runs_completed_total\{queue="demo"\} 8$/m)
+    assert.match(metrics, /^runlane_runs_failed_attempts_total\{queue="demo"\} 1$/m)
+    assert.match(metrics, /^runlane_run_start_latency_seconds_count\{queue="demo"\} 8$/m)
     const orchestrator = await fetch(`${baseUrl}/health/orchestrator`).then((response) => response.json()) as Record<string, unknown>
     assert.strictEqual(orchestrator["conversations_served"], 2, "both conversations kept for their next turn")
 

@@ -34,6 +34,7 @@ export interface ClaimedRunRow {
   readonly claimed_at: string
   readonly lease_expires_at: string
   readonly created_at: string
+  readonly claim_id: string
 }
 
 export interface ClaimParameters {
@@ -84,9 +85,10 @@ export const runClaimAvailable = (client: RunsClient, p: ClaimParameters) =>
        set status = 'claimed',
            claimed_by = ${p.claimant},
            claimed_at = clock.now,
+           claim_id = gen_random_uuid(),
            lease_expires_at = clock.now + ${p.leaseMs}::float8 * interval '1 millisecond'
       from candidates, clock
      where r.id = candidates.id
     returning r.id::text, r.queue, r.organization_id, r.agent_id, r.conversation_id, r.action_input,
               r.priority, r.attempts, r.max_attempts, r.run_at::text, r.claimed_at::text,
-              r.lease_expires_at::text, r.created_at::text`
+              r.lease_expires_at::text, r.created_at::text, r.claim_id::text`

@@ -21,7 +21,8 @@ export const runCompleteIfOwnedMany = (
     update runs r
        set status = case when r.cancel_requested_at is null then 'completed' else 'cancelled' end,
            completed_at = clock.now,
-           claimed_by = null, claimed_at = null, lease_expires_at = null
-      from clock
-     where r.id = any(${p.ids as Array<number>}::bigint[]) and r.status = 'claimed' and r.claimed_by = ${p.claimant}
+           claimed_by = null, claimed_at = null, claim_id = null, lease_expires_at = null
+      from clock, unnest(${p.ids as Array<number>}::bigint[], ${p.claimTokens as Array<string | null>}::text[]) as t(id, claim_token)
+     where r.id = t.id and r.status = 'claimed' and r.claimed_by = ${p.claimant}
+       and (t.claim_token is null or r.claim_id = t.claim_token::uuid)
     returning r.id::text, r.status`

@@ -19,9 +19,12 @@ export const runDeferIfOwnedMany = (
     update runs r
        set status = case when r.cancel_requested_at is null then 'pending' else 'cancelled' end,
            run_at = case when r.cancel_requested_at is null
-                         then clock.now + f.delay_ms * interval '1 millisecond' else r.run_at end,
+                         then clock.now + t.delay_ms * interval '1 millisecond' else r.run_at end,
            completed_at = case when r.cancel_requested_at is null then null else clock.now end,
-           claimed_by = null, claimed_at = null, lease_expires_at = null
-      from clock, unnest(${p.ids as Array<number>}::bigint[], ${p.delaysMs as Array<number>}::float8[]) as f(id, delay_ms)
-     where r.id = f.id and r.status = 'claimed' and r.claimed_by = ${p.claimant}
+           claimed_by = null, claimed_at = null, claim_id = null, lease_expires_at = null
+      from clock, unnest(
+             ${p.ids as Array<number>}::bigint[], ${p.claimTokens as Array<string | null>}::text[], ${p.delaysMs as Array<number>}::float8[]
+           ) as t(id, claim_token, delay_ms)
+     where r.id = t.id and r.status = 'claimed' and r.claimed_by = ${p.claimant}
+       and (t.claim_token is null or r.claim_id = t.claim_token::uuid)
     returning r.id::text, r.status`

@@ -38,8 +38,11 @@ export const runFailIfOwnedMany = (
                          else r.run_at end,
            completed_at = case when r.cancel_requested_at is null and r.attempts + 1 < r.max_attempts
                                then null else clock.now end,
-           error_message = f.message,
-           claimed_by = null, claimed_at = null, lease_expires_at = null
-      from clock, unnest(${p.ids as Array<number>}::bigint[], ${p.messages as Array<string>}::text[]) as f(id, message)
-     where r.id = f.id and r.status = 'claimed' and r.claimed_by = ${p.claimant}
+           error_message = t.message,
+           claimed_by = null, claimed_at = null, claim_id = null, lease_expires_at = null
+      from clock, unnest(
+             ${p.ids as Array<number>}::bigint[], ${p.claimTokens as Array<string | null>}::text[], ${p.messages as Array<string>}::text[]
+           ) as t(id, claim_token, message)
+     where r.id = t.id and r.status = 'claimed' and r.claimed_by = ${p.claimant}
+       and (t.claim_token is null or r.claim_id = t.claim_token::uuid)
     returning r.id::text, r.status, r.attempts, r.run_at::text`

@@ -26,7 +26,9 @@ export const runHeartbeatIfOwnedMany = (
                                    then clock.now + ${p.leaseMs}::float8 * interval '1 millisecond' end,
            claimed_by = case when r.cancel_requested_at is null then r.claimed_by end,
            claimed_at = case when r.cancel_requested_at is null then r.claimed_at end,
+           claim_id = case when r.cancel_requested_at is null then r.claim_id end,
            completed_at = case when r.cancel_requested_at is null then null else clock.now end
-      from clock
-     where r.id = any(${p.ids as Array<number>}::bigint[]) and r.status = 'claimed' and r.claimed_by = ${p.claimant}
+      from clock, unnest(${p.ids as Array<number>}::bigint[], ${p.claimTokens as Array<string | null>}::text[]) as t(id, claim_token)
+     where r.id = t.id and r.status = 'claimed' and r.claimed_by = ${p.claimant}
+       and (t.claim_token is null or r.claim_id = t.claim_token::uuid)
     returning r.id::text, r.status, r.lease_expires_at::text`

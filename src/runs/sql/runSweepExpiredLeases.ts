@@ -35,7 +35,7 @@ export const runSweepExpiredLeases = (client: RunsClient, p: { readonly limit: n
            completed_at = case when r.cancel_requested_at is null and r.attempts + 1 < r.max_attempts
                                then null else clock.now end,
            error_message = ${leaseExpiredMessage},
-           claimed_by = null, claimed_at = null, lease_expires_at = null
+           claimed_by = null, claimed_at = null, claim_id = null, lease_expires_at = null
       from expired, clock
      where r.id = expired.id
     returning r.id::text, r.status`

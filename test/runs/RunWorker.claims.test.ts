@@ -1,0 +1,170 @@
+/**
+ * The work loop's bookkeeping of claims, found by a review after the happy paths passed: a handler
+ * that interrupts itself, a failure or answer that cannot be printed, a heartbeat racing a settle, a
+ * settle retried after its answer was lost, and a run claimed again by the same process after a sweep.
+ * Each case failed before its fix (see the commit that added this file).
+ */
+import { assert, layer } from "@effect/vitest"
+import { Deferred, Effect, Layer } from "effect"
+import { PrometheusMetrics } from "effect/observability"
+import { Database } from "../../src/db/Database.ts"
+import { DatabaseError } from "../../src/db/DatabaseError.ts"
+import { type RunHandlerInput, RunWorker } from "../../src/runs/RunWorker.ts"
+import { RunsQueue } from "../../src/runs/RunsQueue.ts"
+import { eventually } from "../support/lockHarness.ts"
+import { freshQueue, movableClock, readRun, runInput, startWorker } from "../support/runsHarness.ts"
+import { testDatabaseLayer } from "../support/testDatabase.ts"
+
+/** Faults and counts the tests steer: the next releaseMany commits and then reports an error; heartbeats counted. */
+const harness = { releaseAnswerLost: 0, heartbeatsStarted: 0, heartbeatsEnded: 0 }
+const clock = movableClock()
+
+const HarnessQueue = Layer.effect(RunsQueue, Effect.gen(function*() {
+  const real = yield* RunsQueue
+  return RunsQueue.of({
+    ...real,
+    releaseMany: (runs) =>
+      Effect.flatMap(real.releaseMany(runs), (outcome) => {
+        if (runs.length === 0 || harness.releaseAnswerLost === 0) return Effect.succeed(outcome)
+        harness.releaseAnswerLost--
+        return Effect.fail(new DatabaseError({ operation: "RunsQueue.release", message: "injected: connection reset after commit", retryable: true, cause: null }))
+      }),
+    heartbeatMany: (runs) =>
+      Effect.suspend(() => {
+        harness.heartbeatsStarted++
+        return real.heartbeatMany(runs).pipe(Effect.ensuring(Effect.sync(() => void harness.heartbeatsEnded++)))
+      })
+  })
+})).pipe(Layer.provideMerge(RunsQueue.layerWith({ now: clock.now, leaseMs: 3_000, heartbeatMs: 200 })))
+
+const TestLayer = RunWorker.layer.pipe(Layer.provideMerge(HarnessQueue), Layer.provideMerge(testDatabaseLayer()))
+
+/** A counter's value for one queue from /metrics' text (0 when absent). */
+const counter = (name: string, queue: string) =>
+  Effect.map(PrometheusMetrics.format(), (text) => {
+    const line = text.split("\n").find((l) => l.startsWith(`${name}{`) && l.includes(`queue="${queue}"`))
+    return line === undefined ? 0 : Number(line.slice(line.lastIndexOf(" ") + 1))
+  })
+
+layer(TestLayer, { excludeTestServices: true })("RunWorker claims", (it) => {
+  it.effect("a handler that ends interrupted by itself spends an attempt like a failure, instead of being released and re-run at once", () =>
+    Effect.gen(function*() {
+      const queue = yield* RunsQueue
+      const q = freshQueue("self-interrupt")
+      const { id } = yield* queue.send(runInput(q, { retryDelaySeconds: 3_600 }))
+      let calls = 0
+      const worker = yield* startWorker({ queue: q, handler: () => Effect.sync(() => void calls++).pipe(Effect.andThen(Effect.interrupt)), pollIntervalMs: 50 })
+      yield* eventually("the attempt failed", Effect.map(readRun(id), (row) => row.attempts === 1), 5_000)
+      yield* worker.stop
+      const row = yield* readRun(id)
+      assert.deepStrictEqual({ calls, status: row.status, error: row.error_message }, { calls: 1, status: "pending", error: "the handler was interrupted" })
+    }))
+
+  it.effect("a failure that cannot be printed, and an answer of null, still settle the run (no slot leaked, no lease renewed for ever)", () =>
+    Effect.gen(function*() {
+      const queue = yield* RunsQueue
+      const q = freshQueue("unprintable")
+      const unprintable = { toString: () => { throw new Error("no") }, toJSON: () => { throw new Error("no") } }
+      const [failing, nulled] = yield* queue.sendMany([
+        runInput(q, { payload: { kind: "unprintable" }, retryDelaySeconds: 3_600 }),
+        runInput(q, { payload: { kind: "null" }, retryDelaySeconds: 3_600 })
+      ])
+      const worker = yield* startWorker({
+        queue: q,
+        pollIntervalMs: 50,
+        handler: ({ run }: RunHandlerInput) => run.payload["kind"] === "null" ? Effect.succeed(null as never) : Effect.fail(unprintable)
+      })
+      yield* eventually("both attempts failed", Effect.map(Effect.all([readRun(failing!.id), readRun(nulled!.id)]), (rows) => rows.every((row) => row.attempts === 1)), 5_000)
+      yield* worker.stop
+      assert.strictEqual((yield* readRun(failing!.id)).error_message, "[object Object]")
+      assert.strictEqual((yield* readRun(nulled!.id)).error_message, "the handler answered null: not void, Release, or Defer of 0 ms to a year")
+    }))
+
+  it.effect("a heartbeat behind a settle on the same run does not count the completed run as lost", () =>
+    Effect.gen(function*() {
+      const queue = yield* RunsQueue
+      const { sql } = yield* Database
+      const q = freshQueue("heartbeat-race")
+      const { id } = yield* queue.send(runInput(q))
+      const gate = yield* Deferred.make<void>()
+      const worker = yield* startWorker({ queue: q, handler: () => Deferred.await(gate), pollIntervalMs: 50 })
+      yield* eventually("claimed", Effect.map(readRun(id), (row) => row.status === "claimed"), 5_000)
+      // Another session holds the run's row (an operator's query, a cancel): the settle waits on it.
+      const reserved = yield* Effect.promise(() => sql.reserve())
+      yield* Effect.promise(() => reserved`begin`)
+      yield* Effect.promise(() => reserved`select id from runs where id = ${id} for update`)
+      yield* Deferred.succeed(gate, undefined)
+      yield* eventually("the complete waits on the row", Effect.promise(async () => {
+        const [row] = await sql<Array<{ n: number }>>`
+          select count(*)::int as n from pg_stat_activity where wait_event_type = 'Lock' and query like '%update runs r%'`
+        return row!.n >= 1
+      }), 5_000)
+      // Two heartbeats start while the complete waits (every 200 ms): before the fix they included the run.
+      const started = harness.heartbeatsStarted
+      yield* eventually("two heartbeats started", Effect.sync(() => harness.heartbeatsStarted >= started + 2), 5_000)
+      yield* Effect.promise(() => reserved`commit`)
+      reserved.release()
+      yield* eventually("completed", Effect.map(readRun(id), (row) => row.status === "completed"), 5_000)
+      const ended = harness.heartbeatsStarted
+      yield* eventually("the heartbeats that waited have answered", Effect.sync(() => harness.heartbeatsEnded >= ended), 5_000)
+      yield* worker.stop
+      assert.deepStrictEqual(
+        { completed: yield* counter("runlane_runs_completed_total", q), lost: yield* counter("runlane_runs_lease_lost_total", q) },
+        { completed: 1, lost: 0 }
+      )
+    }))
+
+  it.effect("a settle retried after its answer was lost does not touch the run's next claim: one handler at a time", () =>
+    Effect.gen(function*() {
+      const queue = yield* RunsQueue
+      const q = freshQueue("lost-answer")
+      const { id } = yield* queue.send(runInput(q))
+      let calls = 0
+      let running = 0
+      let maxRunning = 0
+      const handler = () =>
+        Effect.suspend(() => {
+          calls++
+          if (calls === 1) return Effect.succeed({ _tag: "Release" as const })
+          running++
+          maxRunning = Math.max(maxRunning, running)
+          // Longer than the settle's retry pause (1 s): the retried Release comes while this runs.
+          return Effect.sleep(2_000).pipe(Effect.ensuring(Effect.sync(() => void running--)))
+        })
+      harness.releaseAnswerLost = 1
+      const worker = yield* startWorker({ queue: q, handler, concurrency: 2, pollIntervalMs: 50 })
+      yield* eventually("completed", Effect.map(readRun(id), (row) => row.status === "completed"), 15_000)
+      yield* worker.stop
+      harness.releaseAnswerLost = 0
+      assert.deepStrictEqual({ calls, maxRunning }, { calls: 2, maxRunning: 1 })
+    }))
+
+  it.effect("a run claimed again by this process after a sweep took it: the old handler is interrupted first", () =>
+    Effect.gen(function*() {
+      const queue = yield* RunsQueue
+      const q = freshQueue("reclaim")
+      const { id } = yield* queue.send(runInput(q))
+      let calls = 0
+      let running = 0
+      let maxRunning = 0
+      const interrupted: Array<number> = []
+      const handler = () =>
+        Effect.suspend(() => {
+          const call = ++calls
+          running++
+          maxRunning = Math.max(maxRunning, running)
+          return Effect.sleep(call === 1 ? 60_000 : 100).pipe(
+            Effect.onInterrupt(() => Effect.sync(() => void interrupted.push(call))),
+            Effect.ensuring(Effect.sync(() => void running--))
+          )
+        })
+      const worker = yield* startWorker({ queue: q, handler, concurrency: 2, pollIntervalMs: 50 })
+      yield* eventually("the first handler runs", Effect.sync(() => running === 1), 5_000)
+      // The lease runs out (a stall longer than the lease) and a sweep takes the claim back.
+      clock.advance(10_000)
+      assert.strictEqual((yield* queue.sweep).returned, 1)
+      yield* eventually("completed by the second claim", Effect.map(readRun(id), (row) => row.status === "completed"), 10_000)
+      yield* worker.stop
+      assert.deepStrictEqual({ calls, maxRunning, interrupted }, { calls: 2, maxRunning: 1, interrupted: [1] })
+    }))
+})
