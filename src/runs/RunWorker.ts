@@ -92,8 +92,10 @@ interface Claim {
   fiber: Fiber.Fiber<void> | undefined
   /** Set when the worker interrupts the handler, to say why. */
   reason: InterruptReason | undefined
-  /** Its settle is queued or running: the heartbeat leaves it out (a heartbeat racing the settle would count it lost). */
+  /** Its settle is queued or running: the settle, not the heartbeat, reports it lost. */
   settling: boolean
+  /** The handler of an earlier claim of the same run, still ending: this claim's handler waits for it. */
+  after: Fiber.Fiber<void> | undefined
 }
 
 type Settle =
@@ -255,12 +257,14 @@ export class RunWorker extends Context.Service<RunWorker, {
             const outcomes = [done(completes, completed), done(fails, failed), done(defers, deferred), done(releases, released)]
             const [c, f, d, r] = outcomes
             const deferredIds = new Set(d?.settled ?? [])
+            const lostIds = new Set(outcomes.flatMap((outcome) => outcome?.lost ?? []))
             yield* Effect.all([
               metrics.completed(c?.settled.length ?? 0),
               metrics.failedAttempts(f?.settled.length ?? 0),
               metrics.released(r?.settled.length ?? 0),
               Effect.forEach(defers.filter((s) => deferredIds.has(s.claim.run.id)), (s) => metrics.deferred(s.reason, 1)),
-              metrics.lost(outcomes.reduce((n, outcome) => n + (outcome?.lost.length ?? 0), 0)),
+              // Lost runs whose fate was already reported (cancelled by a heartbeat, or a stale claim) are not counted again.
+              metrics.lost(batch.filter((s) => s.claim.reason === undefined && lostIds.has(s.claim.run.id)).length),
               metrics.cancelled(outcomes.reduce((n, outcome) => n + (outcome?.cancelled.length ?? 0), 0))
             ], { discard: true })
             if (retry.length > 0) {
@@ -273,30 +277,34 @@ export class RunWorker extends Context.Service<RunWorker, {
             }
           }))
 
+          /** What a handler's answer asks for; any answer, even one whose getters throw, gives a settle. */
+          const settleOfAnswer = (claim: Claim, outcome: unknown): Settle => {
+            try {
+              if (outcome instanceof SeatRefused) {
+                return { _tag: "Defer", claim, delayMs: conversationDefaults.busyDeferMs, reason: outcome.reason }
+              }
+              if (outcome === undefined) return { _tag: "Complete", claim }
+              if (typeof outcome === "object" && outcome !== null && "_tag" in outcome) {
+                if (outcome._tag === "Release") return { _tag: "Release", claim }
+                const delayMs = "delayMs" in outcome ? outcome.delayMs : undefined
+                // A bad delay would make the batch statement refuse every run in it, so it fails this run alone.
+                if (outcome._tag === "Defer" && isDelay(delayMs)) return { _tag: "Defer", claim, delayMs: delayMs as number, reason: "handler" }
+              }
+            } catch {
+              // Falls through: an answer that cannot be read is not one of the three.
+            }
+            return {
+              _tag: "Fail",
+              claim,
+              error: `the handler answered ${printable(outcome)}: not void, Release, or Defer of 0 ms to a year`
+            }
+          }
+
           const settleExit = (claim: Claim, exit: Exit.Exit<HandlerOutcome | SeatRefused, unknown>) =>
             Effect.suspend(() => {
               const { run, reason } = claim
               if (Exit.isSuccess(exit)) {
-                const outcome: unknown = exit.value
-                if (outcome instanceof SeatRefused) {
-                  settleLater({ _tag: "Defer", claim, delayMs: conversationDefaults.busyDeferMs, reason: outcome.reason })
-                } else if (outcome === undefined) {
-                  settleLater({ _tag: "Complete", claim })
-                } else if (typeof outcome === "object" && outcome !== null && "_tag" in outcome && outcome._tag === "Release") {
-                  settleLater({ _tag: "Release", claim })
-                } else if (
-                  typeof outcome === "object" && outcome !== null && "_tag" in outcome && outcome._tag === "Defer" &&
-                  "delayMs" in outcome && isDelay(outcome.delayMs)
-                ) {
-                  settleLater({ _tag: "Defer", claim, delayMs: outcome.delayMs as number, reason: "handler" })
-                } else {
-                  // A bad answer would make the batch statement refuse every run in it, so it fails this run alone.
-                  settleLater({
-                    _tag: "Fail",
-                    claim,
-                    error: `the handler answered ${printable(outcome)}: not void, Release, or Defer of 0 ms to a year`
-                  })
-                }
+                settleLater(settleOfAnswer(claim, exit.value))
                 return Effect.void
               }
               if (reason === "lost" || reason === "cancelled") return Effect.sync(() => freeSlot(claim))
@@ -359,13 +367,20 @@ export class RunWorker extends Context.Service<RunWorker, {
 
           // onExit runs on interruption too; the fiber's own failure has been turned into a settle.
           const handle = (claim: Claim) =>
-            withConversation(claim.run).pipe(Effect.onExit((exit) => settleExit(claim, exit)), Effect.exit, Effect.asVoid)
+            Effect.andThen(
+              claim.after === undefined ? Effect.void : Fiber.await(claim.after),
+              withConversation(claim.run)
+            ).pipe(Effect.onExit((exit) => settleExit(claim, exit)), Effect.exit, Effect.asVoid)
 
-          const interrupt = (targets: ReadonlyArray<Claim>, reason: InterruptReason) =>
+          /**
+           * Interrupts the handlers of `targets`, saying why. Stopping waits for them; the heartbeat and
+           * the producer do not (a handler slow to end must not hold up every other run's lease or claim).
+           */
+          const interrupt = (targets: ReadonlyArray<Claim>, reason: InterruptReason, wait: boolean) =>
             Effect.forEach(targets, (claim) => {
               if (claim.fiber === undefined || claim.reason !== undefined) return Effect.void
               claim.reason = reason
-              return Fiber.interrupt(claim.fiber)
+              return wait ? Fiber.interrupt(claim.fiber) : Effect.asVoid(Effect.forkIn(Fiber.interrupt(claim.fiber), scope))
             }, { discard: true })
 
           const producer = Effect.gen(function*() {
@@ -383,14 +398,16 @@ export class RunWorker extends Context.Service<RunWorker, {
                 yield* metrics.claimed(runs.length)
                 for (const run of runs) {
                   // Claimed again by this process (its lease ran out and a sweep returned it): the old
-                  // handler is a stale claim's, so it is stopped before the new claim starts.
+                  // handler is a stale claim's. It is interrupted, its queued settle dropped (it would
+                  // match nothing), and the new claim's handler starts only once it has ended.
                   const stale = claims.get(run.id)
                   if (stale !== undefined) {
                     yield* Effect.logWarning("Run claimed again after its lease ran out; its earlier handler is interrupted", { runId: run.id })
-                    yield* interrupt([stale], "lost")
-                    freeSlot(stale)
+                    yield* interrupt([stale], "lost", false)
+                    stale.reason = "lost"
+                    for (let i = pending.length - 1; i >= 0; i--) if (pending[i]!.claim === stale) pending.splice(i, 1)
                   }
-                  const claim: Claim = { run, fiber: undefined, reason: undefined, settling: false }
+                  const claim: Claim = { run, fiber: undefined, reason: undefined, settling: false, after: stale?.fiber }
                   // The slot is taken before the fork, so a handler that ends at once cannot free it first.
                   claims.set(run.id, claim)
                   const fiber = yield* Effect.forkIn(handle(claim), scope)
@@ -408,18 +425,21 @@ export class RunWorker extends Context.Service<RunWorker, {
           const heartbeat = Effect.gen(function*() {
             for (;;) {
               yield* Effect.sleep(queue.config.heartbeatMs)
-              // Runs being settled are left out: the settle decides their fate, and a heartbeat behind it
-              // would find them gone and count them lost.
-              const beating = [...claims.values()].filter((claim) => claim.reason === undefined && !claim.settling)
+              // Runs whose settle is queued are still beaten: a settle that keeps failing must not let
+              // the lease of a finished run run out. Their claim tokens keep a late heartbeat harmless.
+              const beating = [...claims.values()].filter((claim) => claim.reason === undefined)
               const outcome = yield* queue.heartbeatMany(beating.map((claim) => claim.run)).pipe(Effect.exit)
               if (Exit.isSuccess(outcome)) {
                 const byId = new Map(beating.map((claim) => [claim.run.id, claim]))
+                // A run the heartbeat found gone while its settle is queued: the settle reports it.
                 const lost = outcome.value.lost.map((id) => byId.get(id)!).filter((claim) => !claim.settling)
                 const cancelled = outcome.value.cancelled.map((id) => byId.get(id)!)
+                // Cancelled by this heartbeat: decided, so a settle still queued does not count it lost too.
+                for (const claim of cancelled) if (claim.settling) claim.reason = "cancelled"
                 yield* metrics.lost(lost.length)
                 yield* metrics.cancelled(cancelled.length)
-                yield* interrupt(lost, "lost")
-                yield* interrupt(cancelled, "cancelled")
+                yield* interrupt(lost, "lost", false)
+                yield* interrupt(cancelled.filter((claim) => !claim.settling), "cancelled", false)
               } else {
                 yield* Effect.logWarning("Run heartbeat failed", outcome.cause)
               }
@@ -442,7 +462,7 @@ export class RunWorker extends Context.Service<RunWorker, {
             drained = yield* Deferred.make<void>()
             if (claims.size > 0) {
               yield* Deferred.await(drained).pipe(Effect.timeoutOption(stopTimeoutMs))
-              yield* interrupt([...claims.values()], "stop")
+              yield* interrupt([...claims.values()], "stop", true)
             }
             yield* Fiber.interrupt(settlerFiber)
             yield* Fiber.interrupt(heartbeatFiber)

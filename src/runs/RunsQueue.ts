@@ -46,6 +46,9 @@ export const maxBatchSize = 10_000
 /** Largest claim and settle batch: far above any worker's free slots, small enough for one statement. */
 export const maxClaimBatch = 1_000
 
+/** A claim token's shape: the UUID text PostgreSQL answers for gen_random_uuid(). */
+const uuidPattern = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i
+
 /** Claims the sweep takes back per statement; it is called again while a full batch comes back. */
 export const sweepBatch = 1_000
 
@@ -79,18 +82,18 @@ export class RunsQueue extends Context.Service<RunsQueue, {
     options: { readonly limit: number }
   ) => Effect.Effect<ReadonlyArray<ClaimedRun>, InvalidRunsArgument | DatabaseError>
   /** Moves the run's lease forward by `leaseMs`. */
-  readonly heartbeat: (run: RunRef) => One<DatabaseError>
+  readonly heartbeat: (run: RunRef) => One<InvalidRunsArgument | DatabaseError>
   readonly heartbeatMany: (runs: ReadonlyArray<RunRef>) => Many
-  readonly complete: (run: RunRef) => One<DatabaseError>
+  readonly complete: (run: RunRef) => One<InvalidRunsArgument | DatabaseError>
   readonly completeMany: (runs: ReadonlyArray<RunRef>) => Many
   /** Spends the attempt: retried after its delay, or `failed` with `error` at max_attempts. */
-  readonly fail: (run: RunRef, error: string) => One<DatabaseError>
+  readonly fail: (run: RunRef, error: string) => One<InvalidRunsArgument | DatabaseError>
   readonly failMany: (runs: ReadonlyArray<{ readonly run: RunRef; readonly error: string }>) => Many
   /** Back to pending until now + delayMs, no attempt spent. */
   readonly defer: (run: RunRef, delayMs: number) => One<InvalidRunsArgument | DatabaseError>
   readonly deferMany: (runs: ReadonlyArray<{ readonly run: RunRef; readonly delayMs: number }>) => Many
   /** Back to pending now, keeping its place; no attempt spent. */
-  readonly release: (run: RunRef) => One<DatabaseError>
+  readonly release: (run: RunRef) => One<InvalidRunsArgument | DatabaseError>
   readonly releaseMany: (runs: ReadonlyArray<RunRef>) => Many
   /** One run's dispatch state (status, attempts, run_at, last error, claimant), or RunNotFound. */
   readonly get: (runId: number) => Effect.Effect<RunState, RunNotFound | DatabaseError>
@@ -212,17 +215,27 @@ const make = Effect.fnUntraced(function*(database: Database["Service"], config: 
       return Effect.void
     })
 
-  /** A public batch: refused above maxClaimBatch runs, then settled. */
-  const many = <A>(runs: ReadonlyArray<A>, f: (runs: ReadonlyArray<A>) => Many): Many =>
-    runs.length > maxClaimBatch
-      ? Effect.fail(new InvalidRunsArgument({ argument: "runs", message: `at most ${maxClaimBatch} runs per call, got ${runs.length}` }))
-      : f(runs)
+  /** A public batch: refused above maxClaimBatch runs or with a malformed claim token, then settled. */
+  const many = <A>(runs: ReadonlyArray<A>, refOf: (entry: A) => RunRef, f: (runs: ReadonlyArray<A>) => Many): Many => {
+    if (runs.length > maxClaimBatch) {
+      return Effect.fail(new InvalidRunsArgument({ argument: "runs", message: `at most ${maxClaimBatch} runs per call, got ${runs.length}` }))
+    }
+    const bad = badClaimToken(runs.map(refOf))
+    return bad === undefined ? f(runs) : Effect.fail(bad)
+  }
 
   /** The ids and claim tokens a guarded statement binds. */
   const claimsOf = (runs: ReadonlyArray<RunRef>) => ({
     ids: runs.map((run) => run.id),
     claimTokens: runs.map((run) => run.claimToken ?? null)
   })
+  /** A claim token is the UUID a claim answered; anything else would fail the whole batch's statement. */
+  const badClaimToken = (runs: ReadonlyArray<RunRef>) => {
+    const bad = runs.findIndex((run) => run.claimToken !== undefined && !uuidPattern.test(run.claimToken))
+    return bad < 0
+      ? undefined
+      : new InvalidRunsArgument({ argument: `claimToken of run ${runs[bad]!.id}`, message: "must be the claimToken its claim answered (a UUID)" })
+  }
 
   const heartbeatRuns = (runs: ReadonlyArray<RunRef>) => {
     const claims = claimsOf(runs)
@@ -328,16 +341,16 @@ const make = Effect.fnUntraced(function*(database: Database["Service"], config: 
     send,
     sendMany,
     claim,
-    heartbeat: (run) => one("heartbeat", run.id, heartbeatRuns([run])),
-    heartbeatMany: (runs) => many(runs, heartbeatRuns),
-    complete: (run) => one("complete", run.id, completeRuns([run])),
-    completeMany: (runs) => many(runs, completeRuns),
-    fail: (run, error) => one("fail", run.id, failRuns([{ run, error }])),
-    failMany: (runs) => many(runs, failRuns),
-    defer: (run, delayMs) => one("defer", run.id, deferRuns([{ run, delayMs }])),
-    deferMany: (runs) => Effect.suspend(() => many(runs, deferRuns)),
-    release: (run) => one("release", run.id, releaseRuns([run])),
-    releaseMany: (runs) => many(runs, releaseRuns),
+    heartbeat: (run) => one("heartbeat", run.id, many([run], (r) => r, heartbeatRuns)),
+    heartbeatMany: (runs) => many(runs, (run) => run, heartbeatRuns),
+    complete: (run) => one("complete", run.id, many([run], (r) => r, completeRuns)),
+    completeMany: (runs) => many(runs, (run) => run, completeRuns),
+    fail: (run, error) => one("fail", run.id, many([{ run, error }], (entry) => entry.run, failRuns)),
+    failMany: (runs) => many(runs, (entry) => entry.run, failRuns),
+    defer: (run, delayMs) => one("defer", run.id, many([{ run, delayMs }], (entry) => entry.run, deferRuns)),
+    deferMany: (runs) => Effect.suspend(() => many(runs, (entry) => entry.run, deferRuns)),
+    release: (run) => one("release", run.id, many([run], (r) => r, releaseRuns)),
+    releaseMany: (runs) => many(runs, (run) => run, releaseRuns),
     get,
     cancel,
     sweep,

@@ -15,8 +15,11 @@ import { eventually } from "../support/lockHarness.ts"
 import { freshQueue, movableClock, readRun, runInput, startWorker } from "../support/runsHarness.ts"
 import { testDatabaseLayer } from "../support/testDatabase.ts"
 
-/** Faults and counts the tests steer: the next releaseMany commits and then reports an error; heartbeats counted. */
-const harness = { releaseAnswerLost: 0, heartbeatsStarted: 0, heartbeatsEnded: 0 }
+/**
+ * Faults and counts the tests steer: the next releaseMany commits and then reports an error; every
+ * completeMany fails while failCompletes is set; heartbeats counted.
+ */
+const harness = { releaseAnswerLost: 0, failCompletes: false, heartbeatsStarted: 0, heartbeatsEnded: 0 }
 const clock = movableClock()
 
 const HarnessQueue = Layer.effect(RunsQueue, Effect.gen(function*() {
@@ -29,6 +32,10 @@ const HarnessQueue = Layer.effect(RunsQueue, Effect.gen(function*() {
         harness.releaseAnswerLost--
         return Effect.fail(new DatabaseError({ operation: "RunsQueue.release", message: "injected: connection reset after commit", retryable: true, cause: null }))
       }),
+    completeMany: (runs) =>
+      runs.length > 0 && harness.failCompletes
+        ? Effect.fail(new DatabaseError({ operation: "RunsQueue.complete", message: "injected", retryable: true, cause: null }))
+        : real.completeMany(runs),
     heartbeatMany: (runs) =>
       Effect.suspend(() => {
         harness.heartbeatsStarted++
@@ -99,9 +106,14 @@ layer(TestLayer, { excludeTestServices: true })("RunWorker claims", (it) => {
           select count(*)::int as n from pg_stat_activity where wait_event_type = 'Lock' and query like '%update runs r%'`
         return row!.n >= 1
       }), 5_000)
-      // Two heartbeats start while the complete waits (every 200 ms): before the fix they included the run.
+      // A heartbeat starts while the complete waits (every 200 ms), includes the run and waits behind it too.
       const started = harness.heartbeatsStarted
-      yield* eventually("two heartbeats started", Effect.sync(() => harness.heartbeatsStarted >= started + 2), 5_000)
+      yield* eventually("a heartbeat started", Effect.sync(() => harness.heartbeatsStarted >= started + 1), 5_000)
+      yield* eventually("the heartbeat waits on the row too", Effect.promise(async () => {
+        const [row] = await sql<Array<{ n: number }>>`
+          select count(*)::int as n from pg_stat_activity where wait_event_type = 'Lock' and query like '%update runs r%'`
+        return row!.n >= 2
+      }), 5_000)
       yield* Effect.promise(() => reserved`commit`)
       reserved.release()
       yield* eventually("completed", Effect.map(readRun(id), (row) => row.status === "completed"), 5_000)
@@ -166,5 +178,70 @@ layer(TestLayer, { excludeTestServices: true })("RunWorker claims", (it) => {
       yield* eventually("completed by the second claim", Effect.map(readRun(id), (row) => row.status === "completed"), 10_000)
       yield* worker.stop
       assert.deepStrictEqual({ calls, maxRunning, interrupted }, { calls: 2, maxRunning: 1, interrupted: [1] })
+    }))
+
+  it.effect("an answer whose getters throw fails the attempt like any bad answer (no slot leaked)", () =>
+    Effect.gen(function*() {
+      const queue = yield* RunsQueue
+      const q = freshQueue("getter")
+      const { id } = yield* queue.send(runInput(q, { retryDelaySeconds: 3_600 }))
+      const answer = { get _tag(): string { throw new Error("no tag") } }
+      const worker = yield* startWorker({ queue: q, pollIntervalMs: 50, handler: () => Effect.succeed(answer as never) })
+      yield* eventually("the attempt failed", Effect.map(readRun(id), (row) => row.attempts === 1 && row.status === "pending"), 5_000)
+      yield* worker.stop
+    }))
+
+  it.effect("a finished run whose settle keeps failing keeps its lease: the sweep does not take it and count an attempt", () =>
+    Effect.gen(function*() {
+      const queue = yield* RunsQueue
+      const q = freshQueue("settle-keeps-failing")
+      const { id } = yield* queue.send(runInput(q, { maxAttempts: 1 }))
+      let calls = 0
+      harness.failCompletes = true
+      const worker = yield* startWorker({ queue: q, pollIntervalMs: 50, handler: () => Effect.sync(() => void calls++) })
+      yield* eventually("the handler ran", Effect.sync(() => calls === 1), 5_000)
+      // Twice: 2 s of the 3 s lease pass, then a heartbeat that started after that must renew it.
+      for (let round = 0; round < 2; round++) {
+        clock.advance(2_000)
+        const started = harness.heartbeatsStarted
+        yield* eventually("a heartbeat after the clock moved", Effect.sync(() => harness.heartbeatsEnded > started), 5_000)
+      }
+      assert.deepStrictEqual(yield* queue.sweep, { returned: 0, failed: 0, cancelled: 0 })
+      harness.failCompletes = false
+      yield* eventually("completed once the settle succeeds", Effect.map(readRun(id), (row) => row.status === "completed"), 10_000)
+      yield* worker.stop
+      assert.strictEqual(calls, 1)
+    }))
+
+  it.effect("a stale handler slow to end (found lost by a heartbeat) finishes before the run's new claim starts its handler", () =>
+    Effect.gen(function*() {
+      const queue = yield* RunsQueue
+      const q = freshQueue("stale-slow")
+      const { id } = yield* queue.send(runInput(q, { payload: { kind: "x" } }))
+      let calls = 0
+      let running = 0
+      let maxRunning = 0
+      const handler = ({ run }: RunHandlerInput) =>
+        Effect.suspend(() => {
+          if (run.payload["kind"] !== "x") return Effect.void
+          const call = ++calls
+          running++
+          maxRunning = Math.max(maxRunning, running)
+          // The first is uninterruptible for a while (a call it must not abandon half-way).
+          const body = call === 1 ? Effect.uninterruptible(Effect.sleep(1_500)) : Effect.sleep(50)
+          return body.pipe(Effect.ensuring(Effect.sync(() => void running--)))
+        })
+      // A long poll: the worker claims again only on NOTIFY, so the heartbeat sees the loss first.
+      const worker = yield* startWorker({ queue: q, handler, concurrency: 3, pollIntervalMs: 60_000 })
+      yield* eventually("the first handler runs", Effect.sync(() => calls === 1), 5_000)
+      clock.advance(10_000)
+      assert.strictEqual((yield* queue.sweep).returned, 1)
+      const started = harness.heartbeatsStarted
+      yield* eventually("a heartbeat found it lost", Effect.sync(() => harness.heartbeatsEnded > started), 5_000)
+      // Any NOTIFY of the queue: the producer claims the run again while its old handler still runs.
+      yield* queue.send(runInput(q, { payload: { kind: "other" } }))
+      yield* eventually("completed by the new claim", Effect.map(readRun(id), (row) => row.status === "completed"), 15_000)
+      yield* worker.stop
+      assert.deepStrictEqual({ calls, maxRunning }, { calls: 2, maxRunning: 1 })
     }))
 })
