@@ -6,22 +6,17 @@
  * its runs) and the runs deferred because their conversation was busy or the lock cap refused it.
  *
  * The worker keeps a conversation's lock (one pinned connection) across the conversation's consecutive
- * runs and for RUNLANE_CONVERSATION_IDLE_MS (30 s) after its last one, so one process serves at most
- * `cap` conversations at once. With a cap below 200, the conversations beyond it would be deferred until
- * the seats of finished ones time out, and the figure would measure that idle period, not dispatch:
- * the pool is sized so the default cap (pool - 5) seats every conversation. Stopping the worker (closing
- * its scope) lets go of every seat, so each round starts with no lock held.
+ * runs, so with a cap of at least 200 each conversation is locked once per round (0.1 lock cycles per
+ * run); with a smaller cap a new conversation takes the seat idle longest and runs cost up to one lock
+ * cycle each. The pool is sized so the default cap (pool - 5) seats every conversation. Stopping the
+ * worker (closing its scope) lets go of every seat, so each round starts with no lock held.
  *
  * As in runClaims.ts, each side of each round starts from an emptied, freshly analyzed table holding
  * the same runs, and the side that goes first alternates.
  *
- * First figures (2 shared cores, load ~5): 344-485 runs/s against the baseline's 950-1,085 (ratio
- * 0.36-0.45), 0.100 lock cycles per run (one per conversation), nothing deferred. Variants measured
- * once by hand, not kept: RunWorker without locks ran the same runs at ~1,500 runs/s and runs without a
- * conversation at ~4,000. Two causes, from pg_stat_statements: with locks the producer claimed in
- * batches of ~8 instead of ~16 (252 claims per 2,000 runs instead of 126), and the conversation-aware
- * claim reads every pending run of the queue whatever its limit (EXPLAIN: 1,832 "older pending run"
- * probes and a sort for 16 rows at 2,000 pending, 8-18 ms), so the claims alone took most of a round.
+ * Measured figures are in the issue's closing notes: the first ones (0.36-0.45 of the baseline) were
+ * dominated by a claim that sorted every pending run of the queue (fixed: it now reads runs_claim_idx
+ * in order and stops at its limit).
  */
 import { ConfigProvider, Deferred, Effect, Exit, Layer, Option, Redacted, Scope } from "effect"
 import type postgres from "postgres"
