@@ -94,8 +94,8 @@ interface Claim {
   reason: InterruptReason | undefined
   /** Its settle is queued or running: the settle, not the heartbeat, reports it lost. */
   settling: boolean
-  /** The handler of an earlier claim of the same run, still ending: this claim's handler waits for it. */
-  after: Fiber.Fiber<void> | undefined
+  /** Handlers of earlier claims of the same run, still ending: this claim's handler waits for them all. */
+  readonly after: ReadonlyArray<Fiber.Fiber<void>>
 }
 
 type Settle =
@@ -209,6 +209,8 @@ export class RunWorker extends Context.Service<RunWorker, {
           const wake = () => void Queue.offerUnsafe(signal, undefined)
           // This worker's claims by run id, from the claim until their settle commits: the slots in use.
           const claims = new Map<number, Claim>()
+          // Handler fibers by run id, until each has ended: a claim of a run waits for every earlier one.
+          const fibersOf = new Map<number, Set<Fiber.Fiber<void>>>()
           const pending: Array<Settle> = []
           let stopping = false
           let drained: Deferred.Deferred<void> | undefined
@@ -368,7 +370,7 @@ export class RunWorker extends Context.Service<RunWorker, {
           // onExit runs on interruption too; the fiber's own failure has been turned into a settle.
           const handle = (claim: Claim) =>
             Effect.andThen(
-              claim.after === undefined ? Effect.void : Fiber.await(claim.after),
+              Effect.forEach(claim.after, Fiber.await, { discard: true }),
               withConversation(claim.run)
             ).pipe(Effect.onExit((exit) => settleExit(claim, exit)), Effect.exit, Effect.asVoid)
 
@@ -407,11 +409,20 @@ export class RunWorker extends Context.Service<RunWorker, {
                     stale.reason = "lost"
                     for (let i = pending.length - 1; i >= 0; i--) if (pending[i]!.claim === stale) pending.splice(i, 1)
                   }
-                  const claim: Claim = { run, fiber: undefined, reason: undefined, settling: false, after: stale?.fiber }
+                  // Every fiber of this run still running, whatever became of its claim (a claim that was
+                  // itself only waiting may have ended and left `claims`).
+                  const claim: Claim = { run, fiber: undefined, reason: undefined, settling: false, after: [...(fibersOf.get(run.id) ?? [])] }
                   // The slot is taken before the fork, so a handler that ends at once cannot free it first.
                   claims.set(run.id, claim)
                   const fiber = yield* Effect.forkIn(handle(claim), scope)
                   if (claims.get(run.id) === claim) claim.fiber = fiber
+                  const running = fibersOf.get(run.id) ?? new Set()
+                  running.add(fiber)
+                  fibersOf.set(run.id, running)
+                  fiber.addObserver(() => {
+                    running.delete(fiber)
+                    if (running.size === 0 && fibersOf.get(run.id) === running) fibersOf.delete(run.id)
+                  })
                 }
                 claimed = runs.length
               }

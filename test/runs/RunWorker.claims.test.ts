@@ -244,4 +244,38 @@ layer(TestLayer, { excludeTestServices: true })("RunWorker claims", (it) => {
       yield* worker.stop
       assert.deepStrictEqual({ calls, maxRunning }, { calls: 2, maxRunning: 1 })
     }))
+
+  it.effect("a run lost twice while its first handler is still ending: the third claim waits for that handler too", () =>
+    Effect.gen(function*() {
+      const queue = yield* RunsQueue
+      const q = freshQueue("lost-twice")
+      const { id } = yield* queue.send(runInput(q, { payload: { kind: "x" } }))
+      let calls = 0
+      let running = 0
+      let maxRunning = 0
+      const handler = ({ run }: RunHandlerInput) =>
+        Effect.suspend(() => {
+          if (run.payload["kind"] !== "x") return Effect.void
+          const call = ++calls
+          running++
+          maxRunning = Math.max(maxRunning, running)
+          const body = call === 1 ? Effect.uninterruptible(Effect.sleep(3_000)) : Effect.sleep(50)
+          return body.pipe(Effect.ensuring(Effect.sync(() => void running--)))
+        })
+      const worker = yield* startWorker({ queue: q, handler, concurrency: 3, pollIntervalMs: 60_000 })
+      yield* eventually("the first handler runs", Effect.sync(() => calls === 1), 5_000)
+      for (let loss = 0; loss < 2; loss++) {
+        // The lease runs out; a sweep returns the run; a heartbeat finds this process's claim lost.
+        clock.advance(10_000)
+        assert.strictEqual((yield* queue.sweep).returned, 1)
+        const started = harness.heartbeatsStarted
+        yield* eventually("a heartbeat found it lost", Effect.sync(() => harness.heartbeatsEnded > started), 5_000)
+        // Any NOTIFY: the producer claims the run again.
+        yield* queue.send(runInput(q, { payload: { kind: "other" } }))
+        yield* eventually("claimed again", Effect.map(readRun(id), (row) => row.status === "claimed" && row.attempts === loss + 1), 5_000)
+      }
+      yield* eventually("completed", Effect.map(readRun(id), (row) => row.status === "completed"), 15_000)
+      yield* worker.stop
+      assert.deepStrictEqual({ calls, maxRunning }, { calls: 2, maxRunning: 1 })
+    }))
 })
