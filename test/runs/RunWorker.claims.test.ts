@@ -270,9 +270,11 @@ layer(TestLayer, { excludeTestServices: true })("RunWorker claims", (it) => {
         assert.strictEqual((yield* queue.sweep).returned, 1)
         const started = harness.heartbeatsStarted
         yield* eventually("a heartbeat found it lost", Effect.sync(() => harness.heartbeatsEnded > started), 5_000)
-        // Any NOTIFY: the producer claims the run again.
-        yield* queue.send(runInput(q, { payload: { kind: "other" } }))
+        // Any NOTIFY: the producer claims the run again. The other run must be settled before the clock
+        // moves again, or the next sweep would take it back too.
+        const other = yield* queue.send(runInput(q, { payload: { kind: "other" } }))
         yield* eventually("claimed again", Effect.map(readRun(id), (row) => row.status === "claimed" && row.attempts === loss + 1), 5_000)
+        yield* eventually("the other run settled", Effect.map(readRun(other.id), (row) => row.status === "completed"), 5_000)
       }
       yield* eventually("completed", Effect.map(readRun(id), (row) => row.status === "completed"), 15_000)
       yield* worker.stop
