@@ -4,7 +4,7 @@
  * `send`/`sendMany` insert (writeRuns.ts picks the statement) and NOTIFY `runlane_runs` on commit.
  * `claim` takes up to `limit` runs of a queue in one statement (runClaimAvailable.ts says how a
  * conversation's runs stay in order and one at a time). Every later transition is one statement
- * guarded by `status = 'claimed' AND claimed_by = <this claimant>`, in batches (`completeMany` ...) or
+ * guarded by the run still being claimed by this claimant, in this claim (runsClient.ts), in batches (`completeMany` ...) or
  * one run at a time, where zero rows is a typed LeaseLost and a pending cancellation a RunCancelled.
  */
 import { randomUUID } from "node:crypto"

@@ -23,6 +23,6 @@ export const runCompleteIfOwnedMany = (
            completed_at = clock.now,
            claimed_by = null, claimed_at = null, claim_id = null, lease_expires_at = null
       from clock, unnest(${p.ids as Array<number>}::bigint[], ${p.claimTokens as Array<string | null>}::text[]) as t(id, claim_token)
-     where r.id = t.id and r.status = 'claimed' and r.claimed_by = ${p.claimant}
+     where r.id = t.id and r.claimed_by = ${p.claimant} and r.claimed_at is not null -- = claimed (runsClient.ts)
        and (t.claim_token is null or r.claim_id = t.claim_token::uuid)
     returning r.id::text, r.status`

@@ -25,6 +25,6 @@ export const runDeferIfOwnedMany = (
       from clock, unnest(
              ${p.ids as Array<number>}::bigint[], ${p.claimTokens as Array<string | null>}::text[], ${p.delaysMs as Array<number>}::float8[]
            ) as t(id, claim_token, delay_ms)
-     where r.id = t.id and r.status = 'claimed' and r.claimed_by = ${p.claimant}
+     where r.id = t.id and r.claimed_by = ${p.claimant} and r.claimed_at is not null -- = claimed (runsClient.ts)
        and (t.claim_token is null or r.claim_id = t.claim_token::uuid)
     returning r.id::text, r.status`

@@ -1,7 +1,7 @@
 /**
  * runHeartbeatIfOwnedMany: moves the lease of the claimant's runs forward by `leaseMs`.
  *
- * Shape: one `UPDATE ... WHERE id = ANY($ids) AND status = 'claimed' AND claimed_by = $me RETURNING`,
+ * Shape: one `UPDATE ... FROM unnest($ids, $claimTokens) WHERE <claimed by $me> RETURNING`,
  * so a process heartbeats all its runs in one round trip. A run whose cancellation was requested
  * ends `cancelled` here instead (the cancel protocol, see runCancel.ts) and is returned with that
  * status so the worker learns it. An id missing from the answer was no longer owned: the sweep took it.
@@ -29,6 +29,6 @@ export const runHeartbeatIfOwnedMany = (
            claim_id = case when r.cancel_requested_at is null then r.claim_id end,
            completed_at = case when r.cancel_requested_at is null then null else clock.now end
       from clock, unnest(${p.ids as Array<number>}::bigint[], ${p.claimTokens as Array<string | null>}::text[]) as t(id, claim_token)
-     where r.id = t.id and r.status = 'claimed' and r.claimed_by = ${p.claimant}
+     where r.id = t.id and r.claimed_by = ${p.claimant} and r.claimed_at is not null -- = claimed (runsClient.ts)
        and (t.claim_token is null or r.claim_id = t.claim_token::uuid)
     returning r.id::text, r.status, r.lease_expires_at::text`
