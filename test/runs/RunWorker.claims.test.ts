@@ -53,6 +53,24 @@ const counter = (name: string, queue: string) =>
     return line === undefined ? 0 : Number(line.slice(line.lastIndexOf(" ") + 1))
   })
 
+/**
+ * A handler that counts its calls for runs of payload kind "x" and the most of them running at once:
+ * the first call runs `first`, later ones 50 ms. Runs of any other kind (the ones a test sends only
+ * to wake the worker) end at once.
+ */
+const countingHandler = (first: Effect.Effect<void>) => {
+  const counts = { calls: 0, running: 0, maxRunning: 0 }
+  const handler = ({ run }: RunHandlerInput) =>
+    Effect.suspend(() => {
+      if (run.payload["kind"] !== "x") return Effect.void
+      const call = ++counts.calls
+      counts.running++
+      counts.maxRunning = Math.max(counts.maxRunning, counts.running)
+      return (call === 1 ? first : Effect.sleep(50)).pipe(Effect.ensuring(Effect.sync(() => void counts.running--)))
+    })
+  return { handler, counts }
+}
+
 layer(TestLayer, { excludeTestServices: true })("RunWorker claims", (it) => {
   it.effect("a handler that ends interrupted by itself spends an attempt like a failure, instead of being released and re-run at once", () =>
     Effect.gen(function*() {
@@ -218,22 +236,11 @@ layer(TestLayer, { excludeTestServices: true })("RunWorker claims", (it) => {
       const queue = yield* RunsQueue
       const q = freshQueue("stale-slow")
       const { id } = yield* queue.send(runInput(q, { payload: { kind: "x" } }))
-      let calls = 0
-      let running = 0
-      let maxRunning = 0
-      const handler = ({ run }: RunHandlerInput) =>
-        Effect.suspend(() => {
-          if (run.payload["kind"] !== "x") return Effect.void
-          const call = ++calls
-          running++
-          maxRunning = Math.max(maxRunning, running)
-          // The first is uninterruptible for a while (a call it must not abandon half-way).
-          const body = call === 1 ? Effect.uninterruptible(Effect.sleep(1_500)) : Effect.sleep(50)
-          return body.pipe(Effect.ensuring(Effect.sync(() => void running--)))
-        })
+      // The first is uninterruptible for a while (a call it must not abandon half-way).
+      const { handler, counts } = countingHandler(Effect.uninterruptible(Effect.sleep(1_500)))
       // A long poll: the worker claims again only on NOTIFY, so the heartbeat sees the loss first.
       const worker = yield* startWorker({ queue: q, handler, concurrency: 3, pollIntervalMs: 60_000 })
-      yield* eventually("the first handler runs", Effect.sync(() => calls === 1), 5_000)
+      yield* eventually("the first handler runs", Effect.sync(() => counts.calls === 1), 5_000)
       clock.advance(10_000)
       assert.strictEqual((yield* queue.sweep).returned, 1)
       const started = harness.heartbeatsStarted
@@ -242,7 +249,7 @@ layer(TestLayer, { excludeTestServices: true })("RunWorker claims", (it) => {
       yield* queue.send(runInput(q, { payload: { kind: "other" } }))
       yield* eventually("completed by the new claim", Effect.map(readRun(id), (row) => row.status === "completed"), 15_000)
       yield* worker.stop
-      assert.deepStrictEqual({ calls, maxRunning }, { calls: 2, maxRunning: 1 })
+      assert.deepStrictEqual({ calls: counts.calls, maxRunning: counts.maxRunning }, { calls: 2, maxRunning: 1 })
     }))
 
   it.effect("a run lost twice while its first handler is still ending: the third claim waits for that handler too", () =>
@@ -250,20 +257,9 @@ layer(TestLayer, { excludeTestServices: true })("RunWorker claims", (it) => {
       const queue = yield* RunsQueue
       const q = freshQueue("lost-twice")
       const { id } = yield* queue.send(runInput(q, { payload: { kind: "x" } }))
-      let calls = 0
-      let running = 0
-      let maxRunning = 0
-      const handler = ({ run }: RunHandlerInput) =>
-        Effect.suspend(() => {
-          if (run.payload["kind"] !== "x") return Effect.void
-          const call = ++calls
-          running++
-          maxRunning = Math.max(maxRunning, running)
-          const body = call === 1 ? Effect.uninterruptible(Effect.sleep(3_000)) : Effect.sleep(50)
-          return body.pipe(Effect.ensuring(Effect.sync(() => void running--)))
-        })
+      const { handler, counts } = countingHandler(Effect.uninterruptible(Effect.sleep(3_000)))
       const worker = yield* startWorker({ queue: q, handler, concurrency: 3, pollIntervalMs: 60_000 })
-      yield* eventually("the first handler runs", Effect.sync(() => calls === 1), 5_000)
+      yield* eventually("the first handler runs", Effect.sync(() => counts.calls === 1), 5_000)
       for (let loss = 0; loss < 2; loss++) {
         // The lease runs out; a sweep returns the run; a heartbeat finds this process's claim lost.
         clock.advance(10_000)
@@ -278,6 +274,6 @@ layer(TestLayer, { excludeTestServices: true })("RunWorker claims", (it) => {
       }
       yield* eventually("completed", Effect.map(readRun(id), (row) => row.status === "completed"), 15_000)
       yield* worker.stop
-      assert.deepStrictEqual({ calls, maxRunning }, { calls: 2, maxRunning: 1 })
+      assert.deepStrictEqual({ calls: counts.calls, maxRunning: counts.maxRunning }, { calls: 2, maxRunning: 1 })
     }))
 })

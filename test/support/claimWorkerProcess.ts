@@ -8,6 +8,7 @@
 import { Effect, Layer, Redacted } from "effect"
 import { Database } from "../../src/db/Database.ts"
 import { RunsQueue } from "../../src/runs/RunsQueue.ts"
+import { awaitStartGate } from "./startGate.ts"
 
 const url = process.env["TEST_DATABASE_URL"] ?? ""
 const queueName = process.env["QUEUE"] ?? ""
@@ -36,14 +37,7 @@ const program = Effect.gen(function*() {
       handled += runs.length
     }
   })
-  process.stdout.write("ready\n")
-  const deadline = Date.now() + 60_000
-  for (;;) {
-    const [gate] = yield* use("worker.gate", (sql) => sql<Array<{ open: boolean }>>`select exists (select 1 from start_gate) as open`)
-    if (gate!.open) break
-    if (Date.now() > deadline) return yield* Effect.die(new Error("start_gate never opened"))
-    yield* Effect.promise(() => new Promise((resolve) => setTimeout(resolve, 20)))
-  }
+  yield* awaitStartGate(use)
   yield* Effect.all(Array.from({ length: claimers }, () => claimer), { concurrency: "unbounded" })
   process.stdout.write(`handled ${handled}\n`)
 })

@@ -11,6 +11,7 @@ import { Database } from "../../src/db/Database.ts"
 import { ConversationLocks } from "../../src/locks/ConversationLocks.ts"
 import { RunWorker } from "../../src/runs/RunWorker.ts"
 import { RunsQueue } from "../../src/runs/RunsQueue.ts"
+import { awaitStartGate } from "./startGate.ts"
 
 const url = process.env["TEST_DATABASE_URL"] ?? ""
 const queueName = process.env["QUEUE"] ?? ""
@@ -20,14 +21,8 @@ const label = process.env["LABEL"] ?? "worker"
 const program = Effect.gen(function*() {
   const { use } = yield* Database
   const worker = yield* RunWorker
-  process.stdout.write("ready\n")
-  const deadline = Date.now() + 60_000
-  for (;;) {
-    const [gate] = yield* use("worker.gate", (sql) => sql<Array<{ open: boolean }>>`select exists (select 1 from start_gate) as open`)
-    if (gate!.open) break
-    if (Date.now() > deadline) return yield* Effect.die(new Error("start_gate never opened"))
-    yield* Effect.sleep(20)
-  }
+  yield* awaitStartGate(use)
+  const deadline = Date.now() + 120_000
   let handled = 0
   const scope = yield* Scope.make()
   yield* worker.start({
@@ -44,7 +39,7 @@ const program = Effect.gen(function*() {
     const [row] = yield* use("worker.unfinished", (sql) =>
       sql<Array<{ n: number }>>`select count(*)::int as n from runs where queue = ${queueName} and status in ('pending', 'claimed')`)
     if (row!.n === 0) break
-    if (Date.now() > deadline + 60_000) return yield* Effect.die(new Error("runs left unfinished"))
+    if (Date.now() > deadline) return yield* Effect.die(new Error("runs left unfinished"))
     yield* Effect.sleep(50)
   }
   yield* Scope.close(scope, Exit.void)
