@@ -18,7 +18,7 @@ import { DatabaseError } from "../db/DatabaseError.ts"
 import { InvalidRunsArgument, LeaseLost, RunCancelled, RunNotFound, RunsConfigError } from "./runErrors.ts"
 import { InvalidRunInput, toRunRecord, type RunRecord, type SendRunInput } from "./runInput.ts"
 import { resolveRunsConfig, runsConfigFromEnvironment, type RunsConfig, type RunsQueueOptions } from "./runsConfig.ts"
-import { claimRuns, type ClaimedRun } from "./claimRuns.ts"
+import { claimRuns, type ClaimedRun, type CompletedAndClaimed } from "./claimRuns.ts"
 import { settleOutcome, type RunRef, type SettleOutcome } from "./settleOutcome.ts"
 import { runCancel } from "./sql/runCancel.ts"
 import { runGetById } from "./sql/runGetById.ts"
@@ -35,7 +35,7 @@ import type { CancelOutcome, QueueStats, RunCount, RunState, SweepResult } from 
 import { IdempotencyChurn, writeRuns, type SendResult } from "./writeRuns.ts"
 
 export { runsChannel } from "./runsChannel.ts"
-export type { ClaimedRun } from "./claimRuns.ts"
+export type { ClaimedRun, CompletedAndClaimed } from "./claimRuns.ts"
 export type { RunRef, SettleOutcome } from "./settleOutcome.ts"
 export type { SendResult } from "./writeRuns.ts"
 export type { CancelOutcome, QueueStats, RunCount, RunState, SweepResult } from "./runReports.ts"
@@ -81,6 +81,17 @@ export class RunsQueue extends Context.Service<RunsQueue, {
     queue: string,
     options: { readonly limit: number }
   ) => Effect.Effect<ReadonlyArray<ClaimedRun>, InvalidRunsArgument | DatabaseError>
+  /**
+   * `completeMany(runs)` and `claim(queue, { limit })` in one statement, one round trip and one commit:
+   * a worker loop's path, where finished runs and free slots come together. `limit` may be 0 here.
+   * The claim does not see this call's completions (runCompleteAndClaim.ts): a conversation whose run
+   * is completed here has its next run claimed by a later call.
+   */
+  readonly completeManyAndClaim: (
+    runs: ReadonlyArray<RunRef>,
+    queue: string,
+    options: { readonly limit: number }
+  ) => Effect.Effect<CompletedAndClaimed, InvalidRunsArgument | DatabaseError>
   /** Moves the run's lease forward by `leaseMs`. */
   readonly heartbeat: (run: RunRef) => One<InvalidRunsArgument | DatabaseError>
   readonly heartbeatMany: (runs: ReadonlyArray<RunRef>) => Many
@@ -183,17 +194,32 @@ const make = Effect.fnUntraced(function*(database: Database["Service"], config: 
     })
 
   // Claims and settles are called once per batch, so Effect.fn's span costs little per run here.
-  const claim = Effect.fn("RunsQueue.claim")(function*(queue: string, options: { readonly limit: number }) {
+  const checkClaim = (queue: string, limit: number, least: number) => {
     if (typeof queue !== "string" || queue.length === 0) {
-      return yield* new InvalidRunsArgument({ argument: "queue", message: "must be a non-empty string" })
+      return new InvalidRunsArgument({ argument: "queue", message: "must be a non-empty string" })
     }
-    const limit = options.limit
-    if (!Number.isInteger(limit) || limit < 1 || limit > maxClaimBatch) {
-      return yield* new InvalidRunsArgument({ argument: "limit", message: `must be a whole number from 1 to ${maxClaimBatch}, got ${limit}` })
+    if (!Number.isInteger(limit) || limit < least || limit > maxClaimBatch) {
+      return new InvalidRunsArgument({ argument: "limit", message: `must be a whole number from ${least} to ${maxClaimBatch}, got ${limit}` })
     }
-    return yield* database.use("RunsQueue.claim", () =>
-      claimRuns(sql, { queue, limit, claimant: claimantId, leaseMs: config.leaseMs, now: now() }))
+    return undefined
+  }
+
+  const claim = Effect.fn("RunsQueue.claim")(function*(queue: string, options: { readonly limit: number }) {
+    const bad = checkClaim(queue, options.limit, 1)
+    if (bad !== undefined) return yield* bad
+    const { claimed } = yield* database.use("RunsQueue.claim", () =>
+      claimRuns(sql, { queue, limit: options.limit, ids: [], claimTokens: [], claimant: claimantId, leaseMs: config.leaseMs, now: now() }))
+    return claimed
   })
+
+  const completeManyAndClaim = Effect.fn("RunsQueue.completeManyAndClaim")(
+    function*(runs: ReadonlyArray<RunRef>, queue: string, options: { readonly limit: number }) {
+      const bad = checkClaim(queue, options.limit, 0) ?? checkBatch(runs)
+      if (bad !== undefined) return yield* bad
+      return yield* database.use("RunsQueue.completeManyAndClaim", () =>
+        claimRuns(sql, { queue, limit: options.limit, ...claimsOf(runs), claimant: claimantId, leaseMs: config.leaseMs, now: now() }))
+    }
+  )
 
   /** Runs one guarded batch statement and sorts its answer into settled / cancelled / lost. */
   const settle = (
@@ -217,12 +243,15 @@ const make = Effect.fnUntraced(function*(database: Database["Service"], config: 
 
   /** A public batch: refused above maxClaimBatch runs or with a malformed claim token, then settled. */
   const many = <A>(runs: ReadonlyArray<A>, refOf: (entry: A) => RunRef, f: (runs: ReadonlyArray<A>) => Many): Many => {
-    if (runs.length > maxClaimBatch) {
-      return Effect.fail(new InvalidRunsArgument({ argument: "runs", message: `at most ${maxClaimBatch} runs per call, got ${runs.length}` }))
-    }
-    const bad = badClaimToken(runs.map(refOf))
+    const bad = checkBatch(runs.map(refOf))
     return bad === undefined ? f(runs) : Effect.fail(bad)
   }
+
+  /** At most maxClaimBatch runs, each with a well-formed claim token when it has one. */
+  const checkBatch = (runs: ReadonlyArray<RunRef>) =>
+    runs.length > maxClaimBatch
+      ? new InvalidRunsArgument({ argument: "runs", message: `at most ${maxClaimBatch} runs per call, got ${runs.length}` })
+      : badClaimToken(runs)
 
   /** The ids and claim tokens a guarded statement binds. */
   const claimsOf = (runs: ReadonlyArray<RunRef>) => ({
@@ -341,6 +370,7 @@ const make = Effect.fnUntraced(function*(database: Database["Service"], config: 
     send,
     sendMany,
     claim,
+    completeManyAndClaim,
     heartbeat: (run) => one("heartbeat", run.id, many([run], (r) => r, heartbeatRuns)),
     heartbeatMany: (runs) => many(runs, (run) => run, heartbeatRuns),
     complete: (run) => one("complete", run.id, many([run], (r) => r, completeRuns)),

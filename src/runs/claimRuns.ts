@@ -1,9 +1,13 @@
 /**
- * claimRuns: runs runClaimAvailable, again when the conversation index refused a claim, and shapes the
- * rows as ClaimedRun in claim order.
+ * claimRuns: claims with runClaimAvailable, or with runCompleteAndClaim when there are runs to
+ * complete; runs the statement again when the conversation index refused a claim (the whole statement
+ * rolled back, its completions too); and shapes the answer: the completions as a SettleOutcome, the
+ * claimed rows as ClaimedRun in claim order.
  */
-import type { ClaimParameters, ClaimedRunRow } from "./sql/runClaimAvailable.ts"
+import { type SettleOutcome, settleOutcome } from "./settleOutcome.ts"
+import type { ClaimedRunRow } from "./sql/claimEligibility.ts"
 import { runClaimAvailable } from "./sql/runClaimAvailable.ts"
+import { type CompleteAndClaimParameters, runCompleteAndClaim } from "./sql/runCompleteAndClaim.ts"
 import type { RunsClient } from "./sql/runsClient.ts"
 import type { JsonObject } from "../schema/runs.ts"
 
@@ -29,7 +33,7 @@ export interface ClaimedRun {
 
 /**
  * Statements per claim at most. A conflict means another claimer committed a claim of the same
- * conversation while this statement ran (see runClaimAvailable.ts); the next statement's snapshot sees
+ * conversation while this statement ran (see runCompleteAndClaim.ts); the next statement's snapshot sees
  * it. Two conflicts in a row need two such commits within two statements: three rounds, then the error.
  */
 const maxClaimRounds = 3
@@ -63,11 +67,22 @@ const toClaimedRun = (row: ClaimedRunRow): ClaimedRun => ({
 const claimOrder = (a: ClaimedRun, b: ClaimedRun): number =>
   b.priority - a.priority || a.runAt.getTime() - b.runAt.getTime() || a.id - b.id
 
-export const claimRuns = async (client: RunsClient, p: ClaimParameters): Promise<Array<ClaimedRun>> => {
+export interface CompletedAndClaimed {
+  /** The runs given to complete: completed, cancelled (a cancellation was pending), or lost. */
+  readonly completed: SettleOutcome
+  readonly claimed: ReadonlyArray<ClaimedRun>
+}
+
+export const claimRuns = async (client: RunsClient, p: CompleteAndClaimParameters): Promise<CompletedAndClaimed> => {
   for (let round = 1; ; round++) {
     try {
-      const rows = await runClaimAvailable(client, p)
-      return rows.map(toClaimedRun).sort(claimOrder)
+      const [completed, claimed] = p.ids.length === 0
+        ? [[], p.limit === 0 ? [] : await runClaimAvailable(client, p)]
+        : await runCompleteAndClaim(client, p).then(([row]) => [row.completed, row.claimed] as const)
+      return {
+        completed: settleOutcome(p.ids, completed),
+        claimed: claimed.map(toClaimedRun).sort(claimOrder)
+      }
     } catch (cause) {
       if (round >= maxClaimRounds || !isClaimConflict(cause)) throw cause
     }

@@ -52,6 +52,21 @@ layer(runsTestLayer(clock), { excludeTestServices: true })("RunsQueue.claim and 
       assert.deepStrictEqual(ids(yield* queue.claim(q, { limit: 10 })), [c3!.id])
     }))
 
+  it.effect("completeManyAndClaim: a conversation's next run is not claimed by the call that completes its run, but by the next", () =>
+    Effect.gen(function*() {
+      const queue = yield* RunsQueue
+      const q = freshQueue("complete-and-claim-order")
+      const [c1, c2, d1] = yield* queue.sendMany([inConversation(q, "c"), inConversation(q, "c"), inConversation(q, "d")])
+      const [first] = yield* queue.claim(q, { limit: 1 })
+      assert.strictEqual(first?.id, c1!.id)
+      // The statement's snapshot still sees c1 claimed: c2 must wait, d1 is free.
+      const { completed, claimed } = yield* queue.completeManyAndClaim([first!], q, { limit: 10 })
+      assert.deepStrictEqual(completed.settled, [c1!.id])
+      assert.deepStrictEqual(ids(claimed), [d1!.id])
+      const next = yield* queue.completeManyAndClaim(claimed, q, { limit: 10 })
+      assert.deepStrictEqual(ids(next.claimed), [c2!.id])
+    }))
+
   it.effect("a conversation is the organization, agent and conversation id together", () =>
     Effect.gen(function*() {
       const queue = yield* RunsQueue
@@ -121,6 +136,47 @@ layer(runsTestLayer(clock), { excludeTestServices: true })("RunsQueue.claim and 
       }
       yield* Effect.promise(() => tx`commit`)
       assert.deepStrictEqual(yield* Fiber.join(claimB), [])
+      assert.strictEqual((yield* readRun(second!.id)).status, "pending")
+    })))
+
+  it.effect("a claim that also completes, refused by the conversation index, runs again whole: its run is completed, once", () =>
+    Effect.scoped(Effect.gen(function*() {
+      const queue = yield* RunsQueue
+      const { sql } = yield* Database
+      const q = freshQueue("clocks-completing")
+      const start = clock.now().getTime()
+      const [first, second] = yield* queue.sendMany([
+        inConversation(q, "c", { expiresAt: new Date(start + 1) }),
+        inConversation(q, "c")
+      ])
+      // Claimer A's clock says the first run is still live: it claims it, and has not committed yet.
+      const tx = yield* Effect.promise(() => sql.reserve())
+      yield* Effect.addFinalizer(() => Effect.sync(() => tx.release()))
+      yield* Effect.promise(() => tx`begin`)
+      const claimedByA = yield* Effect.promise(() =>
+        runClaimAvailable(tx, { queue: q, limit: 10, claimant: "claimer-a", leaseMs: 60_000, now: new Date(start).toISOString() }))
+      assert.deepStrictEqual(claimedByA.map((row) => Number(row.id)), [first!.id])
+      // Claimer B's clock is 1 ms later: for it the first run has expired and the second is the oldest.
+      const other = yield* secondQueue({ now: () => new Date(start + 1) })
+      const elsewhere = freshQueue("clocks-completing-elsewhere")
+      yield* other.send(runInput(elsewhere))
+      const [finished] = yield* other.claim(elsewhere, { limit: 1 })
+      const claimB = yield* Effect.forkChild(other.completeManyAndClaim([finished!], q, { limit: 10 }))
+      const { use } = yield* Database
+      // B's statement waits on A's uncommitted entry in runs_conversation_claimed_uniq.
+      for (let polls = 0; ; polls++) {
+        const [row] = yield* use("test.waiting", (pool) =>
+          pool<Array<{ n: number }>>`
+            select count(*)::int as n from pg_stat_activity
+             where datname = current_database() and wait_event_type = 'Lock' and query like '%candidates%'`)
+        if (row!.n > 0) break
+        assert.isBelow(polls, 500, "claimer B never waited on claimer A")
+        yield* Effect.promise(() => new Promise((resolve) => setTimeout(resolve, 10)))
+      }
+      yield* Effect.promise(() => tx`commit`)
+      // The first statement, completion included, rolled back on unique_violation; the second did both.
+      assert.deepStrictEqual(yield* Fiber.join(claimB), { completed: { settled: [finished!.id], cancelled: [], lost: [] }, claimed: [] })
+      assert.strictEqual((yield* readRun(finished!.id)).status, "completed")
       assert.strictEqual((yield* readRun(second!.id)).status, "pending")
     })))
 

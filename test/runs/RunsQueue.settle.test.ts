@@ -162,6 +162,42 @@ layer(runsTestLayer(clock), { excludeTestServices: true })("RunsQueue settles", 
       assert.deepStrictEqual(yield* queue.completeMany([]), { settled: [], cancelled: [], lost: [] })
     }))
 
+  it.effect("completeManyAndClaim completes its runs and claims in one call, saying which were settled, cancelled or lost", () =>
+    Effect.gen(function*() {
+      const queue = yield* RunsQueue
+      const q = freshQueue("complete-and-claim")
+      const sent = yield* queue.sendMany(Array.from({ length: 6 }, () => runInput(q)))
+      const [a, b, c] = yield* queue.claim(q, { limit: 3 })
+      yield* queue.complete(a!)
+      yield* queue.cancel(b!.id)
+      const { completed, claimed } = yield* queue.completeManyAndClaim([a!, b!, c!], q, { limit: 2 })
+      assert.deepStrictEqual(completed, { settled: [c!.id], cancelled: [b!.id], lost: [a!.id] })
+      assert.deepStrictEqual(claimed.map((run) => run.id), [sent[3]!.id, sent[4]!.id])
+      assert.strictEqual((yield* readRun(c!.id)).status, "completed")
+      assert.strictEqual((yield* readRun(sent[3]!.id)).status, "claimed")
+      // A limit of 0 completes only; nothing to complete claims only.
+      const onlyCompleted = yield* queue.completeManyAndClaim(claimed, q, { limit: 0 })
+      assert.deepStrictEqual(onlyCompleted, { completed: { settled: claimed.map((run) => run.id), cancelled: [], lost: [] }, claimed: [] })
+      const onlyClaimed = yield* queue.completeManyAndClaim([], q, { limit: 5 })
+      assert.deepStrictEqual(onlyClaimed.claimed.map((run) => run.id), [sent[5]!.id])
+      assert.deepStrictEqual(onlyClaimed.completed, { settled: [], cancelled: [], lost: [] })
+    }))
+
+  it.effect("completeManyAndClaim refuses a bad limit, queue or claim token, and then completes nothing", () =>
+    Effect.gen(function*() {
+      const { queue, q, run } = yield* claimOne("complete-and-claim-bad")
+      const refusals = [
+        queue.completeManyAndClaim([run], q, { limit: -1 }),
+        queue.completeManyAndClaim([run], q, { limit: 1_001 }),
+        queue.completeManyAndClaim([run], "", { limit: 1 }),
+        queue.completeManyAndClaim([{ id: run.id, claimToken: "not-a-uuid" }], q, { limit: 1 })
+      ]
+      for (const refused of refusals) {
+        assert.strictEqual((yield* Effect.flip(refused))._tag, "InvalidRunsArgument")
+      }
+      assert.strictEqual((yield* readRun(run.id)).status, "claimed")
+    }))
+
   it.effect("cancel of a pending run cancels it at once", () =>
     Effect.gen(function*() {
       const queue = yield* RunsQueue

@@ -13,7 +13,9 @@ import { Effect } from "effect"
 import type postgres from "postgres"
 import { Database } from "../../src/db/Database.ts"
 import { RunsQueue } from "../../src/runs/RunsQueue.ts"
+import type { ClaimedRunRow } from "../../src/runs/sql/claimEligibility.ts"
 import { runClaimAvailable } from "../../src/runs/sql/runClaimAvailable.ts"
+import { runCompleteAndClaim } from "../../src/runs/sql/runCompleteAndClaim.ts"
 import type { RunsClient } from "../../src/runs/sql/runsClient.ts"
 import { freshQueue, movableClock, runInput, runsTestLayer } from "../support/runsHarness.ts"
 
@@ -53,7 +55,7 @@ layer(runsTestLayer(movableClock()), { excludeTestServices: true })("the claim's
 })
 
 layer(runsTestLayer(movableClock()), { excludeTestServices: true })("the claim's planning", (it) => {
-  it.effect("a claim of up to 32 runs reuses one plan on a connection instead of planning each time", () =>
+  it.effect("a claim of up to 32 runs, and one that also completes, reuses one plan on a connection instead of planning each time", () =>
     Effect.gen(function*() {
       const queue = yield* RunsQueue
       const { sql, use } = yield* Database
@@ -72,11 +74,31 @@ layer(runsTestLayer(movableClock()), { excludeTestServices: true })("the claim's
           runClaimAvailable(connection, { queue: q, limit: 10, claimant: "planning-test", leaseMs: 60_000, now: null }))
         assert.strictEqual(runs.length, 10)
       }
+      // The work loop's statement: each call completes the previous call's runs and claims 10 more.
+      let previous: ReadonlyArray<ClaimedRunRow> = yield* Effect.promise(() =>
+        runClaimAvailable(connection, { queue: q, limit: 10, claimant: "planning-test", leaseMs: 60_000, now: null }))
+      for (let claim = 0; claim < 10; claim++) {
+        const [answer] = yield* Effect.promise(() =>
+          runCompleteAndClaim(connection, {
+            queue: q,
+            limit: 10,
+            ids: previous.map((row) => Number(row.id)),
+            claimTokens: previous.map((row) => row.claim_id),
+            claimant: "planning-test",
+            leaseMs: 60_000,
+            now: null
+          }))
+        assert.strictEqual(answer.completed.length, 10)
+        assert.strictEqual(answer.claimed.length, 10)
+        previous = answer.claimed
+      }
       const statements = yield* Effect.promise(() =>
-        connection<Array<{ generic_plans: string; custom_plans: string }>>`
-          select generic_plans::text, custom_plans::text from pg_prepared_statements
-           where statement like '%candidates as%' and statement not like '%pg_prepared_statements%'`)
-      assert.strictEqual(statements.length, 1, JSON.stringify(statements))
-      assert.isAtLeast(Number(statements[0]!.generic_plans), 5, JSON.stringify(statements))
+        connection<Array<{ completes: boolean; generic_plans: string; custom_plans: string }>>`
+          select statement like '%completed as%' as completes, generic_plans::text, custom_plans::text
+            from pg_prepared_statements
+           where statement like '%candidates as%' and statement not like '%pg_prepared_statements%'
+           order by 1`)
+      assert.deepStrictEqual(statements.map((statement) => statement.completes), [false, true], JSON.stringify(statements))
+      for (const statement of statements) assert.isAtLeast(Number(statement.generic_plans), 5, JSON.stringify(statements))
     }))
 })

@@ -12,6 +12,7 @@ import { Effect } from "effect"
 import type postgres from "postgres"
 import { Database } from "../../src/db/Database.ts"
 import { RunsQueue } from "../../src/runs/RunsQueue.ts"
+import { runCompleteAndClaim } from "../../src/runs/sql/runCompleteAndClaim.ts"
 import { runCompleteIfOwnedMany } from "../../src/runs/sql/runCompleteIfOwnedMany.ts"
 import { runDeferIfOwnedMany } from "../../src/runs/sql/runDeferIfOwnedMany.ts"
 import { runFailIfOwnedMany } from "../../src/runs/sql/runFailIfOwnedMany.ts"
@@ -22,10 +23,10 @@ import { freshQueue, movableClock, runInput, runsTestLayer } from "../support/ru
 
 /** A client that runs `EXPLAIN (FORMAT JSON)` of the statement it is given instead of the statement. */
 const explaining = (sql: postgres.Sql) =>
-  ((strings: TemplateStringsArray, ...values: Array<unknown>) => {
+  Object.assign((strings: TemplateStringsArray, ...values: Array<unknown>) => {
     const prefixed = [`explain (format json) ${strings[0]}`, ...strings.slice(1)]
     return sql(Object.assign(prefixed, { raw: prefixed }) as unknown as TemplateStringsArray, ...(values as Array<never>))
-  }) as unknown as RunsClient
+  }, { unsafe: sql.unsafe.bind(sql) }) as unknown as RunsClient
 
 interface PlanNode {
   readonly "Node Type": string
@@ -65,5 +66,12 @@ layer(runsTestLayer(movableClock()), { excludeTestServices: true })("the settle 
         const indexes = nodes(plan).flatMap((node) => node["Index Name"] === undefined ? [] : [node["Index Name"]])
         assert.deepStrictEqual(indexes, ["runs_pkey"], `${name}: ${JSON.stringify(plan, null, 1)}`)
       }
+      // The work loop's statement completes by the same guard, beside its claim (which reads runs_claim_idx).
+      const rows = yield* Effect.promise(() =>
+        runCompleteAndClaim(explaining(sql), { ...batch, queue: q, limit: 10, leaseMs: 60_000 }))
+      const plan = (rows as unknown as Array<{ "QUERY PLAN": Array<{ Plan: PlanNode }> }>)[0]!["QUERY PLAN"][0]!.Plan
+      const indexes = nodes(plan).flatMap((node) => node["Index Name"] === undefined ? [] : [node["Index Name"]])
+      assert.isFalse(indexes.includes("runs_lease_idx"), JSON.stringify(plan, null, 1))
+      assert.isTrue(indexes.includes("runs_pkey"), JSON.stringify(plan, null, 1))
     }))
 })

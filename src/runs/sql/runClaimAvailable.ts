@@ -3,48 +3,11 @@
  *
  * Shape: `WITH candidates AS (SELECT ... ORDER BY priority DESC, run_at, id LIMIT n FOR UPDATE OF r
  * SKIP LOCKED) UPDATE runs ... FROM candidates RETURNING ...`, as graphile-worker's getJobs and River's
- * JobGetAvailable. A run is a candidate when it is pending, due (run_at <= now) and not expired; a run
- * with a conversation only when it is that conversation's oldest live pending run (by id) in the queue
- * and no run of the conversation is claimed in the queue, so a conversation's runs of one queue run in
- * order and one at a time. Per queue, not across queues: a queue without workers must not stall the
- * conversation's runs in every other queue, and a handler that waits for a run of its conversation in
- * another queue must not deadlock. Across queues the conversation lock is the guarantee.
- *
- * Why those checks cannot be the guarantee alone: they read the statement's snapshot, taken before the
- * row locks. Two claimers can still see two different runs of one conversation as eligible when a run
- * with a smaller id commits late (concurrent producers) or when their clocks disagree on whether the
- * oldest run has expired. The unique index runs_conversation_claimed_uniq makes a second claimed run of
- * a conversation impossible: the later claimer waits for the earlier one's commit and fails with
- * unique_violation (23505), and `claimRuns` runs the statement again, when the checks see the claim.
- * Expired runs are not "older": an expired run is never claimed and must not block its conversation.
- *
- * Why a limit of up to 32 is written into the statement's text: planning this statement costs as much
- * server CPU as running it (0.5 ms of a 1 ms claim of 10 runs on PostgreSQL 15 here). A prepared
- * statement is planned anew on each execution unless its one generic plan costs no more than the
- * plans made for its parameters, and a generic plan takes a LIMIT parameter for 10% of the table, so
- * with a parameter PostgreSQL never keeps a plan for a queue with a backlog. A literal limit lets it
- * keep one per text. Up to 32 (the work loop claims its free slots, 10 by default) bounds the
- * statements each connection prepares at 33; a larger claim binds its limit and amortizes planning
- * over more runs. test/runs/claimPlan.test.ts asserts both the order and the reuse.
+ * JobGetAvailable. Which runs, in which order and why the limit is literal: claimEligibility.ts. A
+ * worker with finished runs to complete claims with runCompleteAndClaim instead.
  */
+import { claimableRun, type ClaimedRunRow, claimedRunColumns, claimLimit, claimOrder } from "./claimEligibility.ts"
 import type { NowParameter, RunsClient } from "./runsClient.ts"
-
-export interface ClaimedRunRow {
-  readonly id: string
-  readonly queue: string
-  readonly organization_id: string
-  readonly agent_id: string | null
-  readonly conversation_id: string | null
-  readonly action_input: unknown
-  readonly priority: number
-  readonly attempts: number
-  readonly max_attempts: number
-  readonly run_at: string
-  readonly claimed_at: string
-  readonly lease_expires_at: string
-  readonly created_at: string
-  readonly claim_id: string
-}
 
 export interface ClaimParameters {
   readonly queue: string
@@ -54,43 +17,15 @@ export interface ClaimParameters {
   readonly now: NowParameter
 }
 
-/** Largest limit written into the statement's text (see above). */
-const largestLiteralLimit = 32
-
 export const runClaimAvailable = (client: RunsClient, p: ClaimParameters) =>
   client<Array<ClaimedRunRow>>`
     with clock as (select coalesce(${p.now}::text::timestamptz, now()) as now),
     candidates as (
       select r.id
         from runs r, clock
-       where r.status = 'pending'
-         and r.queue = ${p.queue}
-         and r.run_at <= clock.now
-         and (r.expires_at is null or r.expires_at > clock.now)
-         and (
-           r.conversation_id is null
-           or (
-             not exists (
-               select 1 from runs c
-                where c.status = 'claimed' and c.conversation_id is not null
-                  and c.queue = r.queue and c.organization_id = r.organization_id
-                  and coalesce(c.agent_id, '') = coalesce(r.agent_id, '')
-                  and c.conversation_id = r.conversation_id)
-             and not exists (
-               select 1 from runs o
-                where o.status = 'pending' and o.conversation_id is not null
-                  and o.queue = r.queue and o.organization_id = r.organization_id
-                  and coalesce(o.agent_id, '') = coalesce(r.agent_id, '')
-                  and o.conversation_id = r.conversation_id
-                  and o.id < r.id
-                  and (o.expires_at is null or o.expires_at > clock.now))
-           )
-         )
-       -- NULLS LAST as runs_claim_idx is built (priority is NOT NULL, so the order is the same): a bare
-       -- DESC means NULLS FIRST, which the index cannot give, and PostgreSQL then reads and sorts every
-       -- pending run of the queue on every claim (7.5 ms at 2,000 pending, 0.4 ms with the index).
-       order by r.priority desc nulls last, r.run_at, r.id
-       limit ${Number.isSafeInteger(p.limit) && p.limit >= 1 && p.limit <= largestLiteralLimit ? client.unsafe(String(p.limit)) : p.limit}
+       where r.status = 'pending' and r.queue = ${p.queue} and ${client.unsafe(claimableRun)}
+       ${client.unsafe(claimOrder)}
+       limit ${claimLimit(client, p.limit)}
          for update of r skip locked
     )
     update runs r
@@ -101,6 +36,4 @@ export const runClaimAvailable = (client: RunsClient, p: ClaimParameters) =>
            lease_expires_at = clock.now + ${p.leaseMs}::float8 * interval '1 millisecond'
       from candidates, clock
      where r.id = candidates.id
-    returning r.id::text, r.queue, r.organization_id, r.agent_id, r.conversation_id, r.action_input,
-              r.priority, r.attempts, r.max_attempts, r.run_at::text, r.claimed_at::text,
-              r.lease_expires_at::text, r.created_at::text, r.claim_id::text`
+    returning ${client.unsafe(claimedRunColumns)}`

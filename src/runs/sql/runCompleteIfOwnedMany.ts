@@ -3,14 +3,10 @@
  *
  * Shape: graphile-worker's completeJobs and River's JobSetStateIfRunningMany: ids as one array, the
  * owner checked in WHERE, and RETURNING naming exactly the runs that were still owned. A run whose
- * cancellation was requested while it ran ends `cancelled` instead, and says so.
+ * cancellation was requested while it ran ends `cancelled` instead, and says so. runCompleteAndClaim
+ * completes runs the same way, in the statement that also claims (the work loop's path).
  */
-import type { OwnedBatch, RunsClient } from "./runsClient.ts"
-
-export interface SettledRow {
-  readonly id: string
-  readonly status: string
-}
+import type { OwnedBatch, RunsClient, SettledRow } from "./runsClient.ts"
 
 export const runCompleteIfOwnedMany = (
   client: RunsClient,

@@ -7,8 +7,7 @@
  * conversation's oldest pending run and nothing of the conversation overtakes it. A run whose
  * cancellation was requested ends `cancelled`.
  */
-import type { OwnedBatch, RunsClient } from "./runsClient.ts"
-import type { SettledRow } from "./runCompleteIfOwnedMany.ts"
+import type { OwnedBatch, RunsClient, SettledRow } from "./runsClient.ts"
 
 export const runDeferIfOwnedMany = (
   client: RunsClient,

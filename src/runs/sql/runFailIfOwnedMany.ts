@@ -11,8 +11,7 @@
  * 5 minutes), delayed by a uniform draw in [base/2, base] ("equal jitter") so runs that failed together
  * do not retry together.
  */
-import type { OwnedBatch, RunsClient } from "./runsClient.ts"
-import type { SettledRow } from "./runCompleteIfOwnedMany.ts"
+import type { OwnedBatch, RunsClient, SettledRow } from "./runsClient.ts"
 
 export interface FailedRow extends SettledRow {
   readonly attempts: number

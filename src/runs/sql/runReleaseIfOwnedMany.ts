@@ -6,8 +6,7 @@
  * released run keeps its place in line rather than going behind runs that became due meanwhile. A run
  * whose cancellation was requested ends `cancelled`.
  */
-import type { OwnedBatch, RunsClient } from "./runsClient.ts"
-import type { SettledRow } from "./runCompleteIfOwnedMany.ts"
+import type { OwnedBatch, RunsClient, SettledRow } from "./runsClient.ts"
 
 export const runReleaseIfOwnedMany = (
   client: RunsClient,

@@ -10,8 +10,7 @@
  * heartbeat or settle finds it no longer owned (LeaseLost). A run whose cancellation was requested
  * ends `cancelled`.
  */
-import type { NowParameter, RunsClient } from "./runsClient.ts"
-import type { SettledRow } from "./runCompleteIfOwnedMany.ts"
+import type { NowParameter, RunsClient, SettledRow } from "./runsClient.ts"
 
 /** error_message of a run that ran out of attempts by losing its lease. */
 export const leaseExpiredMessage = "lease expired: the worker stopped heartbeating"

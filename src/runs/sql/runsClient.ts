@@ -33,3 +33,9 @@ export interface OwnedBatch {
   readonly claimant: string
   readonly now: NowParameter
 }
+
+/** A guarded settle's answer: each run it settled, with the status it left the run in. */
+export interface SettledRow {
+  readonly id: string
+  readonly status: string
+}
