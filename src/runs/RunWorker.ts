@@ -212,6 +212,9 @@ export class RunWorker extends Context.Service<RunWorker, {
           // Handler fibers by run id, until each has ended: a claim of a run waits for every earlier one.
           const fibersOf = new Map<number, Set<Fiber.Fiber<void>>>()
           const pending: Array<Settle> = []
+          // Completions the producer settles in its next claim statement (one round trip for both), while
+          // it runs; once stopping, completions go to `pending` like every other settle.
+          const completesForClaim: Array<Extract<Settle, { _tag: "Complete" }>> = []
           let stopping = false
           let drained: Deferred.Deferred<void> | undefined
 
@@ -223,9 +226,27 @@ export class RunWorker extends Context.Service<RunWorker, {
           }
           const settleLater = (settle: Settle) => {
             settle.claim.settling = true
+            if (settle._tag === "Complete" && !stopping) {
+              completesForClaim.push(settle)
+              wake()
+              return
+            }
             pending.push(settle)
             Queue.offerUnsafe(settleSignal, undefined)
           }
+
+          /** After a statement settled `completes`: their slots are free, and the metrics say how it went. */
+          const completesSettled = (completes: ReadonlyArray<Settle>, outcome: SettleOutcome) =>
+            Effect.suspend(() => {
+              for (const settle of completes) freeSlot(settle.claim)
+              const lost = new Set(outcome.lost)
+              return Effect.all([
+                metrics.completed(outcome.settled.length),
+                // Lost runs whose fate was already reported (cancelled by a heartbeat, or a stale claim) are not counted again.
+                metrics.lost(completes.filter((s) => s.claim.reason === undefined && lost.has(s.claim.run.id)).length),
+                metrics.cancelled(outcome.cancelled.length)
+              ], { discard: true })
+            })
 
           /**
            * Settles everything finished so far, one statement per kind. A kind whose statement failed is
@@ -387,16 +408,28 @@ export class RunWorker extends Context.Service<RunWorker, {
 
           const producer = Effect.gen(function*() {
             while (!stopping) {
-              const free = concurrency - claims.size
+              // Finished runs ride with the claim: their slots count as free, and one statement settles
+              // them and fills the slots (RunsQueue.completeManyAndClaim).
+              const completes = completesForClaim.splice(0)
+              const free = concurrency - claims.size + completes.filter((settle) => claims.get(settle.claim.run.id) === settle.claim).length
               let claimed = 0
               if (free > 0) {
                 // Uninterruptible: a claim whose answer were dropped would leave its runs claimed until
-                // their lease ran out. Stopping waits for it and handles what it claimed.
-                const runs = yield* Effect.uninterruptible(queue.claim(options.queue, { limit: free })).pipe(
+                // their lease ran out. Stopping waits for it and handles what it claimed. A statement that
+                // failed settled nothing: its completions wait for the next one.
+                const answer = yield* Effect.uninterruptible(
+                  queue.completeManyAndClaim(completes.map((settle) => settle.claim.run), options.queue, { limit: free })
+                ).pipe(
                   Effect.catch((error) =>
-                    Effect.logWarning("Run claim failed", error).pipe(Effect.andThen(Effect.sleep(retryAfterErrorMs)), Effect.as([]))
+                    Effect.logWarning("Run claim failed", error).pipe(
+                      Effect.andThen(Effect.sync(() => void completesForClaim.unshift(...completes))),
+                      Effect.andThen(Effect.sleep(retryAfterErrorMs)),
+                      Effect.as(undefined)
+                    )
                   )
                 )
+                if (answer !== undefined) yield* completesSettled(completes, answer.completed)
+                const runs = answer?.claimed ?? []
                 yield* metrics.claimed(runs.length)
                 for (const run of runs) {
                   // Claimed again by this process (its lease ran out and a sweep returned it): the old
@@ -408,6 +441,9 @@ export class RunWorker extends Context.Service<RunWorker, {
                     yield* interrupt([stale], "lost", false)
                     stale.reason = "lost"
                     for (let i = pending.length - 1; i >= 0; i--) if (pending[i]!.claim === stale) pending.splice(i, 1)
+                    for (let i = completesForClaim.length - 1; i >= 0; i--) {
+                      if (completesForClaim[i]!.claim === stale) completesForClaim.splice(i, 1)
+                    }
                   }
                   // Every fiber of this run still running, whatever became of its claim (a claim that was
                   // itself only waiting may have ended and left `claims`).
@@ -470,6 +506,11 @@ export class RunWorker extends Context.Service<RunWorker, {
             registered.delete(wake)
             wake()
             yield* Fiber.join(producerFiber).pipe(Effect.ignore)
+            // Completions the producer did not take: settled like every other settle from now on.
+            if (completesForClaim.length > 0) {
+              pending.push(...completesForClaim.splice(0))
+              Queue.offerUnsafe(settleSignal, undefined)
+            }
             drained = yield* Deferred.make<void>()
             if (claims.size > 0) {
               yield* Deferred.await(drained).pipe(Effect.timeoutOption(stopTimeoutMs))

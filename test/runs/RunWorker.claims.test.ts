@@ -17,7 +17,8 @@ import { testDatabaseLayer } from "../support/testDatabase.ts"
 
 /**
  * Faults and counts the tests steer: the next releaseMany commits and then reports an error; every
- * completeMany fails while failCompletes is set; heartbeats counted.
+ * completeMany and completeManyAndClaim with runs to complete fail while failCompletes is set;
+ * heartbeats counted.
  */
 const harness = { releaseAnswerLost: 0, failCompletes: false, heartbeatsStarted: 0, heartbeatsEnded: 0 }
 const clock = movableClock()
@@ -36,6 +37,10 @@ const HarnessQueue = Layer.effect(RunsQueue, Effect.gen(function*() {
       runs.length > 0 && harness.failCompletes
         ? Effect.fail(new DatabaseError({ operation: "RunsQueue.complete", message: "injected", retryable: true, cause: null }))
         : real.completeMany(runs),
+    completeManyAndClaim: (runs, q, options) =>
+      runs.length > 0 && harness.failCompletes
+        ? Effect.fail(new DatabaseError({ operation: "RunsQueue.completeManyAndClaim", message: "injected", retryable: true, cause: null }))
+        : real.completeManyAndClaim(runs, q, options),
     heartbeatMany: (runs) =>
       Effect.suspend(() => {
         harness.heartbeatsStarted++

@@ -12,7 +12,8 @@ import { testDatabaseLayer } from "../support/testDatabase.ts"
 
 /**
  * The real RunsQueue seen through the harness: claims are counted (to show the loop claims only when it
- * has reason to), and the next `completeFaults` batch completes fail as a lost connection would.
+ * has reason to), and the next `completeFaults` statements that complete runs (with a claim or alone)
+ * fail as a lost connection would.
  */
 let claims = 0
 let completeFaults = 0
@@ -23,6 +24,13 @@ const CountingQueue = Layer.effect(
     return RunsQueue.of({
       ...queue,
       claim: (q, options) => Effect.suspend(() => (claims++, queue.claim(q, options))),
+      completeManyAndClaim: (runs, q, options) =>
+        Effect.suspend(() => {
+          if (options.limit > 0) claims++
+          if (completeFaults === 0 || runs.length === 0) return queue.completeManyAndClaim(runs, q, options)
+          completeFaults--
+          return Effect.fail(new DatabaseError({ operation: "RunsQueue.completeManyAndClaim", message: "injected", retryable: true, cause: null }))
+        }),
       completeMany: (runs) =>
         Effect.suspend(() => {
           if (completeFaults === 0 || runs.length === 0) return queue.completeMany(runs)
