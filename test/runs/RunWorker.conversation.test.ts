@@ -63,6 +63,22 @@ layer(TestLayer, { excludeTestServices: true })("RunWorker with conversation loc
       yield* worker.stop
     }))
 
+  it.effect("a conversation's next run starts as soon as its previous run is completed, not at the next poll", () =>
+    Effect.gen(function*() {
+      const queue = yield* RunsQueue
+      const q = freshQueue("conversation-next")
+      // The statement that completes a conversation's run cannot claim its next run (it still sees the
+      // completed one claimed): the worker must claim again at once, with no NOTIFY to wake it.
+      const sent = yield* queue.sendMany(Array.from({ length: 5 }, (_, i) => runInput(q, { ...conversation(9), payload: { i } })))
+      const worker = yield* startWorker({ queue: q, handler: () => Effect.void, pollIntervalMs: 600_000 })
+      yield* eventually(
+        "every run completed well within one poll interval",
+        Effect.map(Effect.forEach(sent, (run) => readRun(run.id)), (rows) => rows.every((row) => row.status === "completed")),
+        10_000
+      )
+      yield* worker.stop
+    }))
+
   it.effect("a conversation held elsewhere defers its run without spending an attempt; it runs once free", () =>
     Effect.gen(function*() {
       const queue = yield* RunsQueue
