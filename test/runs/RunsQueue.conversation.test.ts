@@ -23,6 +23,47 @@ const secondQueue = (options: { readonly now?: () => Date } = {}) =>
 
 const ids = (runs: ReadonlyArray<ClaimedRun>) => runs.map((run) => run.id)
 
+/**
+ * Two claimers of one conversation whose clocks disagree on whether its oldest run has expired.
+ * Claimer A (on the start clock) claims the first run in a transaction it keeps open; claimer B (1 ms
+ * later, for which the first run has expired and the second is the oldest) runs `claimOfB`, whose
+ * statement waits on A's uncommitted entry in runs_conversation_claimed_uniq (seen in pg_stat_activity);
+ * then A commits and B's answer is returned.
+ */
+const claimersOnDisagreeingClocks = <A, E>(
+  name: string,
+  claimOfB: (other: RunsQueue["Service"], q: string) => Effect.Effect<A, E>
+) =>
+  Effect.gen(function*() {
+    const queue = yield* RunsQueue
+    const { sql, use } = yield* Database
+    const q = freshQueue(name)
+    const start = clock.now().getTime()
+    const [first, second] = yield* queue.sendMany([
+      inConversation(q, "c", { expiresAt: new Date(start + 1) }),
+      inConversation(q, "c")
+    ])
+    const tx = yield* Effect.promise(() => sql.reserve())
+    yield* Effect.addFinalizer(() => Effect.sync(() => tx.release()))
+    yield* Effect.promise(() => tx`begin`)
+    const claimedByA = yield* Effect.promise(() =>
+      runClaimAvailable(tx, { queue: q, limit: 10, claimant: "claimer-a", leaseMs: 60_000, now: new Date(start).toISOString() }))
+    assert.deepStrictEqual(claimedByA.map((row) => Number(row.id)), [first!.id])
+    const other = yield* secondQueue({ now: () => new Date(start + 1) })
+    const claimB = yield* Effect.forkChild(claimOfB(other, q))
+    for (let polls = 0; ; polls++) {
+      const [row] = yield* use("test.waiting", (pool) =>
+        pool<Array<{ n: number }>>`
+          select count(*)::int as n from pg_stat_activity
+           where datname = current_database() and wait_event_type = 'Lock' and query like '%candidates%'`)
+      if (row!.n > 0) break
+      assert.isBelow(polls, 500, "claimer B never waited on claimer A")
+      yield* Effect.promise(() => new Promise((resolve) => setTimeout(resolve, 10)))
+    }
+    yield* Effect.promise(() => tx`commit`)
+    return { first: first!, second: second!, answerOfB: yield* Fiber.join(claimB) }
+  })
+
 layer(runsTestLayer(clock), { excludeTestServices: true })("RunsQueue.claim and conversations", (it) => {
   it.effect("takes only a conversation's oldest pending run, and only while none of its runs is claimed", () =>
     Effect.gen(function*() {
@@ -105,79 +146,24 @@ layer(runsTestLayer(clock), { excludeTestServices: true })("RunsQueue.claim and 
 
   it.effect("two claimers whose clocks disagree on an expiry: the later one waits and gets nothing rather than a second run", () =>
     Effect.scoped(Effect.gen(function*() {
-      const queue = yield* RunsQueue
-      const { sql } = yield* Database
-      const q = freshQueue("clocks")
-      const start = clock.now().getTime()
-      const [first, second] = yield* queue.sendMany([
-        inConversation(q, "c", { expiresAt: new Date(start + 1) }),
-        inConversation(q, "c")
-      ])
-      // Claimer A's clock says the first run is still live: it claims it, and has not committed yet.
-      const tx = yield* Effect.promise(() => sql.reserve())
-      yield* Effect.addFinalizer(() => Effect.sync(() => tx.release()))
-      yield* Effect.promise(() => tx`begin`)
-      const claimedByA = yield* Effect.promise(() =>
-        runClaimAvailable(tx, { queue: q, limit: 10, claimant: "claimer-a", leaseMs: 60_000, now: new Date(start).toISOString() }))
-      assert.deepStrictEqual(claimedByA.map((row) => Number(row.id)), [first!.id])
-      // Claimer B's clock is 1 ms later: for it the first run has expired and the second is the oldest.
-      const other = yield* secondQueue({ now: () => new Date(start + 1) })
-      const claimB = yield* Effect.forkChild(other.claim(q, { limit: 10 }))
-      const { use } = yield* Database
-      // B's statement waits on A's uncommitted entry in runs_conversation_claimed_uniq.
-      for (let polls = 0; ; polls++) {
-        const [row] = yield* use("test.waiting", (pool) =>
-          pool<Array<{ n: number }>>`
-            select count(*)::int as n from pg_stat_activity
-             where datname = current_database() and wait_event_type = 'Lock' and query like '%candidates%'`)
-        if (row!.n > 0) break
-        assert.isBelow(polls, 500, "claimer B never waited on claimer A")
-        yield* Effect.promise(() => new Promise((resolve) => setTimeout(resolve, 10)))
-      }
-      yield* Effect.promise(() => tx`commit`)
-      assert.deepStrictEqual(yield* Fiber.join(claimB), [])
-      assert.strictEqual((yield* readRun(second!.id)).status, "pending")
+      const { second, answerOfB } = yield* claimersOnDisagreeingClocks("clocks", (other, q) => other.claim(q, { limit: 10 }))
+      assert.deepStrictEqual(answerOfB, [])
+      assert.strictEqual((yield* readRun(second.id)).status, "pending")
     })))
 
   it.effect("a claim that also completes, refused by the conversation index, runs again whole: its run is completed, once", () =>
     Effect.scoped(Effect.gen(function*() {
-      const queue = yield* RunsQueue
-      const { sql } = yield* Database
-      const q = freshQueue("clocks-completing")
-      const start = clock.now().getTime()
-      const [first, second] = yield* queue.sendMany([
-        inConversation(q, "c", { expiresAt: new Date(start + 1) }),
-        inConversation(q, "c")
-      ])
-      // Claimer A's clock says the first run is still live: it claims it, and has not committed yet.
-      const tx = yield* Effect.promise(() => sql.reserve())
-      yield* Effect.addFinalizer(() => Effect.sync(() => tx.release()))
-      yield* Effect.promise(() => tx`begin`)
-      const claimedByA = yield* Effect.promise(() =>
-        runClaimAvailable(tx, { queue: q, limit: 10, claimant: "claimer-a", leaseMs: 60_000, now: new Date(start).toISOString() }))
-      assert.deepStrictEqual(claimedByA.map((row) => Number(row.id)), [first!.id])
-      // Claimer B's clock is 1 ms later: for it the first run has expired and the second is the oldest.
-      const other = yield* secondQueue({ now: () => new Date(start + 1) })
-      const elsewhere = freshQueue("clocks-completing-elsewhere")
-      yield* other.send(runInput(elsewhere))
-      const [finished] = yield* other.claim(elsewhere, { limit: 1 })
-      const claimB = yield* Effect.forkChild(other.completeManyAndClaim([finished!], q, { limit: 10 }))
-      const { use } = yield* Database
-      // B's statement waits on A's uncommitted entry in runs_conversation_claimed_uniq.
-      for (let polls = 0; ; polls++) {
-        const [row] = yield* use("test.waiting", (pool) =>
-          pool<Array<{ n: number }>>`
-            select count(*)::int as n from pg_stat_activity
-             where datname = current_database() and wait_event_type = 'Lock' and query like '%candidates%'`)
-        if (row!.n > 0) break
-        assert.isBelow(polls, 500, "claimer B never waited on claimer A")
-        yield* Effect.promise(() => new Promise((resolve) => setTimeout(resolve, 10)))
-      }
-      yield* Effect.promise(() => tx`commit`)
+      let finished: ClaimedRun | undefined
+      const { answerOfB } = yield* claimersOnDisagreeingClocks("clocks-completing", (other, q) =>
+        Effect.gen(function*() {
+          const elsewhere = freshQueue("clocks-completing-elsewhere")
+          yield* other.send(runInput(elsewhere))
+          finished = (yield* other.claim(elsewhere, { limit: 1 }))[0]
+          return yield* other.completeManyAndClaim([finished!], q, { limit: 10 })
+        }))
       // The first statement, completion included, rolled back on unique_violation; the second did both.
-      assert.deepStrictEqual(yield* Fiber.join(claimB), { completed: { settled: [finished!.id], cancelled: [], lost: [] }, claimed: [] })
+      assert.deepStrictEqual(answerOfB, { completed: { settled: [finished!.id], cancelled: [], lost: [] }, claimed: [] })
       assert.strictEqual((yield* readRun(finished!.id)).status, "completed")
-      assert.strictEqual((yield* readRun(second!.id)).status, "pending")
     })))
 
   it.effect("two claimers racing over many conversations never hold two runs of one conversation (audited in the database)", () =>

@@ -10,29 +10,13 @@
  */
 import { assert, layer } from "@effect/vitest"
 import { Effect } from "effect"
-import type postgres from "postgres"
 import { Database } from "../../src/db/Database.ts"
 import { RunsQueue } from "../../src/runs/RunsQueue.ts"
 import type { ClaimedRunRow } from "../../src/runs/sql/claimEligibility.ts"
 import { runClaimAvailable } from "../../src/runs/sql/runClaimAvailable.ts"
 import { runCompleteAndClaim } from "../../src/runs/sql/runCompleteAndClaim.ts"
-import type { RunsClient } from "../../src/runs/sql/runsClient.ts"
 import { freshQueue, movableClock, runInput, runsTestLayer } from "../support/runsHarness.ts"
-
-/** A client that runs `EXPLAIN (FORMAT JSON)` of the statement it is given instead of the statement. */
-const explaining = (sql: postgres.Sql) =>
-  Object.assign((strings: TemplateStringsArray, ...values: Array<unknown>) => {
-    const prefixed = [`explain (format json) ${strings[0]}`, ...strings.slice(1)]
-    return sql(Object.assign(prefixed, { raw: prefixed }) as unknown as TemplateStringsArray, ...(values as Array<never>))
-  }, { unsafe: sql.unsafe.bind(sql) }) as unknown as RunsClient
-
-interface PlanNode {
-  readonly "Node Type": string
-  readonly "Index Name"?: string
-  readonly Plans?: ReadonlyArray<PlanNode>
-}
-
-const nodes = (node: PlanNode): Array<PlanNode> => [node, ...(node.Plans ?? []).flatMap(nodes)]
+import { explaining, indexesRead, planNodes } from "../support/statementPlan.ts"
 
 layer(runsTestLayer(movableClock()), { excludeTestServices: true })("the claim's plan", (it) => {
   it.effect("reads pending runs in runs_claim_idx order and stops at the limit: no sort of the backlog", () =>
@@ -47,10 +31,9 @@ layer(runsTestLayer(movableClock()), { excludeTestServices: true })("the claim's
       yield* use("test.analyze", (client) => client`analyze runs`)
       const rows = yield* Effect.promise(() =>
         runClaimAvailable(explaining(sql), { queue: q, limit: 16, claimant: "plan-test", leaseMs: 60_000, now: null }))
-      const plan = (rows[0] as unknown as { "QUERY PLAN": Array<{ Plan: PlanNode }> })["QUERY PLAN"][0]!.Plan
-      const all = nodes(plan)
-      assert.deepStrictEqual(all.filter((node) => node["Node Type"] === "Sort").length, 0, JSON.stringify(plan, null, 1))
-      assert.isTrue(all.some((node) => node["Index Name"] === "runs_claim_idx"), JSON.stringify(plan, null, 1))
+      const all = planNodes(rows)
+      assert.deepStrictEqual(all.filter((node) => node["Node Type"] === "Sort").length, 0, JSON.stringify(all, null, 1))
+      assert.isTrue(indexesRead(all).includes("runs_claim_idx"), JSON.stringify(all, null, 1))
     }))
 })
 

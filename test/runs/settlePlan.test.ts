@@ -9,7 +9,6 @@
  */
 import { assert, layer } from "@effect/vitest"
 import { Effect } from "effect"
-import type postgres from "postgres"
 import { Database } from "../../src/db/Database.ts"
 import { RunsQueue } from "../../src/runs/RunsQueue.ts"
 import { runCompleteAndClaim } from "../../src/runs/sql/runCompleteAndClaim.ts"
@@ -20,21 +19,7 @@ import { runHeartbeatIfOwnedMany } from "../../src/runs/sql/runHeartbeatIfOwnedM
 import { runReleaseIfOwnedMany } from "../../src/runs/sql/runReleaseIfOwnedMany.ts"
 import type { OwnedBatch, RunsClient } from "../../src/runs/sql/runsClient.ts"
 import { freshQueue, movableClock, runInput, runsTestLayer } from "../support/runsHarness.ts"
-
-/** A client that runs `EXPLAIN (FORMAT JSON)` of the statement it is given instead of the statement. */
-const explaining = (sql: postgres.Sql) =>
-  Object.assign((strings: TemplateStringsArray, ...values: Array<unknown>) => {
-    const prefixed = [`explain (format json) ${strings[0]}`, ...strings.slice(1)]
-    return sql(Object.assign(prefixed, { raw: prefixed }) as unknown as TemplateStringsArray, ...(values as Array<never>))
-  }, { unsafe: sql.unsafe.bind(sql) }) as unknown as RunsClient
-
-interface PlanNode {
-  readonly "Node Type": string
-  readonly "Index Name"?: string
-  readonly Plans?: ReadonlyArray<PlanNode>
-}
-
-const nodes = (node: PlanNode): Array<PlanNode> => [node, ...(node.Plans ?? []).flatMap(nodes)]
+import { explaining, indexesRead, planNodes } from "../support/statementPlan.ts"
 
 const statements: ReadonlyArray<readonly [string, (client: RunsClient, batch: OwnedBatch) => Promise<unknown>]> = [
   ["complete", (client, batch) => runCompleteIfOwnedMany(client, batch)],
@@ -62,16 +47,14 @@ layer(runsTestLayer(movableClock()), { excludeTestServices: true })("the settle 
       }
       for (const [name, statement] of statements) {
         const rows = yield* Effect.promise(() => statement(explaining(sql), batch))
-        const plan = (rows as Array<{ "QUERY PLAN": Array<{ Plan: PlanNode }> }>)[0]!["QUERY PLAN"][0]!.Plan
-        const indexes = nodes(plan).flatMap((node) => node["Index Name"] === undefined ? [] : [node["Index Name"]])
-        assert.deepStrictEqual(indexes, ["runs_pkey"], `${name}: ${JSON.stringify(plan, null, 1)}`)
+        const all = planNodes(rows)
+        assert.deepStrictEqual(indexesRead(all), ["runs_pkey"], `${name}: ${JSON.stringify(all, null, 1)}`)
       }
       // The work loop's statement completes by the same guard, beside its claim (which reads runs_claim_idx).
       const rows = yield* Effect.promise(() =>
         runCompleteAndClaim(explaining(sql), { ...batch, queue: q, limit: 10, leaseMs: 60_000 }))
-      const plan = (rows as unknown as Array<{ "QUERY PLAN": Array<{ Plan: PlanNode }> }>)[0]!["QUERY PLAN"][0]!.Plan
-      const indexes = nodes(plan).flatMap((node) => node["Index Name"] === undefined ? [] : [node["Index Name"]])
-      assert.isFalse(indexes.includes("runs_lease_idx"), JSON.stringify(plan, null, 1))
-      assert.isTrue(indexes.includes("runs_pkey"), JSON.stringify(plan, null, 1))
+      const indexes = indexesRead(planNodes(rows))
+      assert.isFalse(indexes.includes("runs_lease_idx"), JSON.stringify(indexes))
+      assert.isTrue(indexes.includes("runs_pkey"), JSON.stringify(indexes))
     }))
 })
