@@ -38,7 +38,7 @@ layer(runsTestLayer(movableClock()), { excludeTestServices: true })("the claim's
 })
 
 layer(runsTestLayer(movableClock()), { excludeTestServices: true })("the claim's planning", (it) => {
-  it.effect("a claim of up to 32 runs, and one that also completes, reuses one plan on a connection instead of planning each time", () =>
+  it.effect("a claim of up to 16 runs, and one that also completes, reuses one plan on a connection instead of planning each time", () =>
     Effect.gen(function*() {
       const queue = yield* RunsQueue
       const { sql, use } = yield* Database

@@ -18,14 +18,16 @@
  * unique_violation (23505), and `claimRuns` runs the statement again, when the checks see the claim.
  * Expired runs are not "older": an expired run is never claimed and must not block its conversation.
  *
- * Why a limit of up to 32 is written into the statement's text: planning a claim costs as much server
+ * Why a limit of up to 16 is written into the statement's text: planning a claim costs as much server
  * CPU as running it (0.5 ms of a 1 ms claim of 10 runs on PostgreSQL 15 here). A prepared statement is
  * planned anew on each execution unless its one generic plan costs no more than the plans made for its
  * parameters, and a generic plan takes a LIMIT parameter for 10% of the table, so with a parameter
  * PostgreSQL never keeps a plan for a queue with a backlog. A literal limit lets it keep one per text.
- * Up to 32 (the work loop claims its free slots, 10 by default) bounds the statements each connection
- * prepares at 33 per claim statement; a larger claim binds its limit and amortizes planning over more
- * runs. test/runs/claimPlan.test.ts asserts both the order and the reuse.
+ * Each text costs its backend ~200 KB (plan and parse trees; 69 claim statements took 14 MB on
+ * PostgreSQL 15), so the literal stops at 16: at most 17 texts per claim statement per connection
+ * (~7 MB for both), and the work loop's default of 10 slots stays within it. A larger claim binds its
+ * limit and amortizes its planning over more runs. test/runs/claimPlan.test.ts asserts the order and
+ * the reuse.
  */
 import type { RunsClient } from "./runsClient.ts"
 
@@ -61,9 +63,9 @@ export const claimableRun = `
 export const claimOrder = `order by r.priority desc nulls last, r.run_at, r.id`
 
 /** Largest limit written into the statement's text (see above). */
-const largestLiteralLimit = 32
+const largestLiteralLimit = 16
 
-/** The LIMIT of a claim: literal up to 32, bound above. */
+/** The LIMIT of a claim: literal up to 16, bound above. */
 export const claimLimit = (client: RunsClient, limit: number) =>
   Number.isSafeInteger(limit) && limit >= 0 && limit <= largestLiteralLimit ? client.unsafe(String(limit)) : limit
 

@@ -3,8 +3,11 @@
  * queue, in one statement; either part may be empty (no runs to complete, or a limit of 0).
  *
  * Why one statement: a worker that has finished runs and has free slots would otherwise spend two
- * round trips and two commits where one does. Measured with 16 workers claiming 10 at a time on the
- * embedded server: 4.2x the claim-one/complete-one loop against 3.1x with a claim and a completeMany.
+ * round trips and two commits where one does. Measured on the embedded server with 4 and 16 workers
+ * completing and claiming 10 at a time: 16-23% more runs per second than a claim and a completeMany,
+ * with 5-10% less server CPU. With 16 workers moving 50 at a time it measured 15% fewer runs per second
+ * (each transaction holds twice the row locks for longer, which the other claimers must skip); the
+ * work loop completes what finished since its last claim, usually a few runs.
  *
  * Shape: `WITH completed AS (UPDATE ... FROM unnest($ids, $claimTokens) ... RETURNING id, status),
  * candidates AS (SELECT ... ORDER BY priority DESC, run_at, id LIMIT n FOR UPDATE OF r SKIP LOCKED),
