@@ -85,3 +85,48 @@ layer(runsTestLayer(movableClock()), { excludeTestServices: true })("the claim's
       for (const statement of statements) assert.isAtLeast(Number(statement.generic_plans), 5, JSON.stringify(statements))
     }))
 })
+
+layer(runsTestLayer(movableClock()), { excludeTestServices: true })("the claim's cached plan", (it) => {
+  it.effect("a plan cached while the table was small keeps runs_claim_idx's order once a backlog arrives", () =>
+    Effect.gen(function*() {
+      const queue = yield* RunsQueue
+      const { sql, use } = yield* Database
+      const q = freshQueue("cached")
+      // No autoanalyze during the test: in production the cached plan lives until the next one.
+      yield* Effect.acquireRelease(
+        use("test.autovacuum", (client) => client`alter table runs set (autovacuum_enabled = false)`),
+        () => Effect.ignore(use("test.autovacuum", (client) => client`alter table runs reset (autovacuum_enabled)`))
+      )
+      // A quiet queue whose statistics were taken while the table was small.
+      yield* queue.sendMany(Array.from({ length: 50 }, (_, i) => runInput(q, { agentId: "a", conversationId: `c-${i % 5}` })))
+      yield* use("test.analyze", (client) => client`analyze runs`)
+      const connection = yield* Effect.acquireRelease(
+        Effect.promise(() => sql.reserve()),
+        (reserved) => Effect.sync(() => reserved.release())
+      )
+      // An idle worker polling: after five plans for its parameters PostgreSQL keeps a generic one.
+      const claim = () => runClaimAvailable(connection, { queue: q, limit: 10, claimant: "cached-test", leaseMs: 60_000, now: null })
+      for (let poll = 0; poll < 12; poll++) {
+        yield* Effect.promise(claim)
+        yield* Effect.promise(() =>
+          connection`update runs set status = 'pending', claimed_by = null, claimed_at = null, claim_id = null, lease_expires_at = null
+                      where queue = ${q} and status = 'claimed'`)
+      }
+      // Then a burst: 20,000 runs in 2,000 conversations, before any ANALYZE.
+      yield* use("test.backlog", (client) => client`
+        insert into runs (organization_id, agent_id, conversation_id, queue, action_input, legacy_scope)
+        select 'org-1', 'a', 'c-' || (g % 2000), ${q}, '{"n":1}'::jsonb, false from generate_series(1, 20000) g`)
+      assert.strictEqual((yield* Effect.promise(claim)).length, 10)
+      const [prepared] = yield* Effect.promise(() =>
+        connection<Array<{ name: string; generic_plans: string }>>`
+          select name, generic_plans::text from pg_prepared_statements
+           where statement like '%candidates as%' and statement not like '%pg_prepared_statements%'`)
+      assert.isAtLeast(Number(prepared!.generic_plans), 1, "the claim runs on a cached plan")
+      // The cached plan, as EXECUTE would use it: parameters in the statement's order (now, queue, claimant, lease).
+      const plan = yield* Effect.promise(() =>
+        connection.unsafe(`explain (format json) execute "${prepared!.name}"(null, '${q}', 'cached-test', 60000)`))
+      const all = planNodes(plan)
+      assert.deepStrictEqual(all.filter((node) => node["Node Type"] === "Sort").length, 0, JSON.stringify(all, null, 1))
+      assert.isTrue(indexesRead(all).includes("runs_claim_idx"), JSON.stringify(all, null, 1))
+    }), { timeout: 120_000 })
+})

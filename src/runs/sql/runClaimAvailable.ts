@@ -22,7 +22,7 @@ export const runClaimAvailable = (client: RunsClient, p: ClaimParameters) =>
     with clock as (select coalesce(${p.now}::text::timestamptz, now()) as now),
     candidates as (
       select r.id
-        from runs r, clock
+        from runs r
        where r.status = 'pending' and r.queue = ${p.queue} and ${client.unsafe(claimableRun)}
        ${client.unsafe(claimOrder)}
        limit ${claimLimit(client, p.limit)}

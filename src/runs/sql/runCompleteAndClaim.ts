@@ -53,7 +53,7 @@ export const runCompleteAndClaim = (client: RunsClient, p: CompleteAndClaimParam
     ),
     candidates as (
       select r.id
-        from runs r, clock
+        from runs r
        where r.status = 'pending' and r.queue = ${p.queue} and ${client.unsafe(claimableRun)}
        ${client.unsafe(claimOrder)}
        limit ${claimLimit(client, p.limit)}
