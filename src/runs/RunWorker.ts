@@ -235,6 +235,13 @@ export class RunWorker extends Context.Service<RunWorker, {
             Queue.offerUnsafe(settleSignal, undefined)
           }
 
+          /** Completions the producer will not settle: queued for the settler's own statement. */
+          const settleApart = (completes: ReadonlyArray<Settle>) => {
+            if (completes.length === 0) return
+            pending.push(...completes)
+            Queue.offerUnsafe(settleSignal, undefined)
+          }
+
           /** After a statement settled `completes`: their slots are free, and the metrics say how it went. */
           const completesSettled = (completes: ReadonlyArray<Settle>, outcome: SettleOutcome) =>
             Effect.suspend(() => {
@@ -416,13 +423,14 @@ export class RunWorker extends Context.Service<RunWorker, {
               if (free > 0) {
                 // Uninterruptible: a claim whose answer were dropped would leave its runs claimed until
                 // their lease ran out. Stopping waits for it and handles what it claimed. A statement that
-                // failed settled nothing: its completions wait for the next one.
+                // failed settled nothing: its completions go to the settler, whose own statement does not
+                // depend on the claim (a claim failing for its own reasons must not hold finished runs).
                 const answer = yield* Effect.uninterruptible(
                   queue.completeManyAndClaim(completes.map((settle) => settle.claim.run), options.queue, { limit: free })
                 ).pipe(
                   Effect.catch((error) =>
                     Effect.logWarning("Run claim failed", error).pipe(
-                      Effect.andThen(Effect.sync(() => void completesForClaim.unshift(...completes))),
+                      Effect.andThen(Effect.sync(() => settleApart(completes))),
                       Effect.andThen(Effect.sleep(retryAfterErrorMs)),
                       Effect.as(undefined)
                     )
@@ -462,6 +470,8 @@ export class RunWorker extends Context.Service<RunWorker, {
                 }
                 claimed = runs.length
               }
+              // No free slot: only completions of stale claims get here (they match nothing), settled apart.
+              if (free <= 0) settleApart(completes)
               if (claimed > 0 && claimed === free) continue
               yield* Queue.take(signal).pipe(Effect.timeoutOption(pollIntervalMs))
             }
@@ -507,10 +517,7 @@ export class RunWorker extends Context.Service<RunWorker, {
             wake()
             yield* Fiber.join(producerFiber).pipe(Effect.ignore)
             // Completions the producer did not take: settled like every other settle from now on.
-            if (completesForClaim.length > 0) {
-              pending.push(...completesForClaim.splice(0))
-              Queue.offerUnsafe(settleSignal, undefined)
-            }
+            settleApart(completesForClaim.splice(0))
             drained = yield* Deferred.make<void>()
             if (claims.size > 0) {
               yield* Deferred.await(drained).pipe(Effect.timeoutOption(stopTimeoutMs))

@@ -17,10 +17,11 @@ import { testDatabaseLayer } from "../support/testDatabase.ts"
 
 /**
  * Faults and counts the tests steer: the next releaseMany commits and then reports an error; every
- * completeMany and completeManyAndClaim with runs to complete fail while failCompletes is set;
- * heartbeats counted.
+ * completeMany and completeManyAndClaim with runs to complete fail while failCompletes is set, and
+ * completeManyAndClaim alone while failCompletingClaims is (its claim part failing, say); heartbeats
+ * counted.
  */
-const harness = { releaseAnswerLost: 0, failCompletes: false, heartbeatsStarted: 0, heartbeatsEnded: 0 }
+const harness = { releaseAnswerLost: 0, failCompletes: false, failCompletingClaims: false, heartbeatsStarted: 0, heartbeatsEnded: 0 }
 const clock = movableClock()
 
 const HarnessQueue = Layer.effect(RunsQueue, Effect.gen(function*() {
@@ -38,7 +39,7 @@ const HarnessQueue = Layer.effect(RunsQueue, Effect.gen(function*() {
         ? Effect.fail(new DatabaseError({ operation: "RunsQueue.complete", message: "injected", retryable: true, cause: null }))
         : real.completeMany(runs),
     completeManyAndClaim: (runs, q, options) =>
-      runs.length > 0 && harness.failCompletes
+      runs.length > 0 && (harness.failCompletes || harness.failCompletingClaims)
         ? Effect.fail(new DatabaseError({ operation: "RunsQueue.completeManyAndClaim", message: "injected", retryable: true, cause: null }))
         : real.completeManyAndClaim(runs, q, options),
     heartbeatMany: (runs) =>
@@ -235,6 +236,17 @@ layer(TestLayer, { excludeTestServices: true })("RunWorker claims", (it) => {
       yield* worker.stop
       assert.strictEqual(calls, 1)
     }))
+
+  it.effect("completions whose claim statement fails are settled on their own: a failing claim does not hold finished runs", () =>
+    Effect.gen(function*() {
+      const queue = yield* RunsQueue
+      const q = freshQueue("completing-claim-fails")
+      const { id } = yield* queue.send(runInput(q))
+      harness.failCompletingClaims = true
+      const worker = yield* startWorker({ queue: q, pollIntervalMs: 50, handler: () => Effect.void })
+      yield* eventually("completed by the settler's own statement", Effect.map(readRun(id), (row) => row.status === "completed"), 5_000)
+      yield* worker.stop
+    }).pipe(Effect.ensuring(Effect.sync(() => void (harness.failCompletingClaims = false)))))
 
   it.effect("a stale handler slow to end (found lost by a heartbeat) finishes before the run's new claim starts its handler", () =>
     Effect.gen(function*() {
