@@ -446,6 +446,9 @@ export class RunWorker extends Context.Service<RunWorker, {
                   const stale = claims.get(run.id)
                   if (stale !== undefined) {
                     yield* Effect.logWarning("Run claimed again after its lease ran out; its earlier handler is interrupted", { runId: run.id })
+                    // Its loss is told here unless a heartbeat told it already: the settle that would
+                    // have reported it is dropped below, and the heartbeat beats the new claim only.
+                    if (stale.reason === undefined) yield* metrics.lost(1)
                     yield* interrupt([stale], "lost", false)
                     stale.reason = "lost"
                     for (let i = pending.length - 1; i >= 0; i--) if (pending[i]!.claim === stale) pending.splice(i, 1)

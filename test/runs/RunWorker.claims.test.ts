@@ -248,6 +248,26 @@ layer(TestLayer, { excludeTestServices: true })("RunWorker claims", (it) => {
       yield* worker.stop
     }).pipe(Effect.ensuring(Effect.sync(() => void (harness.failCompletingClaims = false)))))
 
+  it.effect("a finished run whose settle kept failing, swept and claimed again by this process: its lost lease is counted once", () =>
+    Effect.gen(function*() {
+      const queue = yield* RunsQueue
+      const q = freshQueue("reclaimed-settling")
+      const { id } = yield* queue.send(runInput(q))
+      let calls = 0
+      harness.failCompletes = true
+      const worker = yield* startWorker({ queue: q, pollIntervalMs: 50, handler: () => Effect.sync(() => void calls++) })
+      yield* eventually("the handler ran", Effect.sync(() => calls === 1), 5_000)
+      // The lease runs out between two heartbeats, a sweep returns the run, and this worker claims it
+      // again while the first claim's completion is still queued (its statements keep failing).
+      clock.advance(10_000)
+      assert.strictEqual((yield* queue.sweep).returned, 1)
+      yield* eventually("claimed again", Effect.map(readRun(id), (row) => row.status === "claimed" && row.attempts === 1), 5_000)
+      harness.failCompletes = false
+      yield* eventually("completed by the second claim", Effect.map(readRun(id), (row) => row.status === "completed"), 10_000)
+      yield* worker.stop
+      assert.deepStrictEqual({ calls, lost: yield* counter("runlane_runs_lease_lost_total", q) }, { calls: 2, lost: 1 })
+    }).pipe(Effect.ensuring(Effect.sync(() => void (harness.failCompletes = false)))))
+
   it.effect("a stale handler slow to end (found lost by a heartbeat) finishes before the run's new claim starts its handler", () =>
     Effect.gen(function*() {
       const queue = yield* RunsQueue

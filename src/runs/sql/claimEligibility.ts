@@ -24,8 +24,9 @@
  * parameters, and a generic plan takes a LIMIT parameter for 10% of the table, so with a parameter
  * PostgreSQL never keeps a plan for a queue with a backlog. A literal limit lets it keep one per text.
  * Each text costs its backend ~200 KB (plan and parse trees; 69 claim statements took 14 MB on
- * PostgreSQL 15), so the literal stops at 16: at most 17 texts per claim statement per connection
- * (~7 MB for both), and the work loop's default of 10 slots stays within it. A larger claim binds its
+ * PostgreSQL 15), so the literal stops at 16: at most 35 claim texts per connection (runClaimAvailable
+ * 1-16, runCompleteAndClaim 0-16, each also bound; ~7 MB), and the work loop's default of 10 slots
+ * stays within it. A larger claim binds its
  * limit and amortizes its planning over more runs. test/runs/claimPlan.test.ts asserts the order and
  * the reuse.
  *
