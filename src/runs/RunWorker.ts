@@ -32,6 +32,7 @@ import { type DeferReason, dispatchMetricsFor } from "./dispatchMetrics.ts"
 import { InvalidRunsArgument } from "./runErrors.ts"
 import { maxDelayMs, RunsQueue, type SettleOutcome } from "./RunsQueue.ts"
 import { conversationWantedChannel, runsChannel } from "./runsChannel.ts"
+import { largestLiteralLimit } from "./sql/claimEligibility.ts"
 
 /** What a handler gets. */
 export interface RunHandlerInput {
@@ -103,6 +104,9 @@ type Settle =
   | { readonly _tag: "Fail"; readonly claim: Claim; readonly error: string }
   | { readonly _tag: "Defer"; readonly claim: Claim; readonly delayMs: number; readonly reason: DeferReason }
   | { readonly _tag: "Release"; readonly claim: Claim }
+
+/** Completions and free slots up to this are settled and claimed in one statement (see the producer). */
+const largestCombinedBatch = largestLiteralLimit
 
 /** The worker's own answer for a run whose conversation it could not take: deferred, no attempt spent. */
 class SeatRefused {
@@ -416,9 +420,16 @@ export class RunWorker extends Context.Service<RunWorker, {
           const producer = Effect.gen(function*() {
             while (!stopping) {
               // Finished runs ride with the claim: their slots count as free, and one statement settles
-              // them and fills the slots (RunsQueue.completeManyAndClaim).
-              const completes = completesForClaim.splice(0)
-              const free = concurrency - claims.size + completes.filter((settle) => claims.get(settle.claim.run.id) === settle.claim).length
+              // them and fills the slots (RunsQueue.completeManyAndClaim). Only while both fit the plans
+              // PostgreSQL keeps (claimEligibility.ts): with 16 workers it measured 11% faster than a claim
+              // and a completeMany in batches of 16, and 15% slower in batches of 50, where the settler's
+              // own statement takes them.
+              const taken = completesForClaim.splice(0)
+              const freed = taken.filter((settle) => claims.get(settle.claim.run.id) === settle.claim).length
+              const together = taken.length <= largestCombinedBatch && concurrency - claims.size + freed <= largestCombinedBatch
+              const completes = together ? taken : []
+              if (!together) settleApart(taken)
+              const free = concurrency - claims.size + (together ? freed : 0)
               let claimed = 0
               if (free > 0) {
                 // Uninterruptible: a claim whose answer were dropped would leave its runs claimed until
@@ -474,7 +485,7 @@ export class RunWorker extends Context.Service<RunWorker, {
                 claimed = runs.length
               }
               // No free slot: only completions of stale claims get here (they match nothing), settled apart.
-              if (free <= 0) settleApart(completes)
+              if (free <= 0 && together) settleApart(completes)
               if (claimed > 0 && claimed === free) continue
               yield* Queue.take(signal).pipe(Effect.timeoutOption(pollIntervalMs))
             }

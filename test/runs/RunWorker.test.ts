@@ -17,6 +17,8 @@ import { testDatabaseLayer } from "../support/testDatabase.ts"
  */
 let claims = 0
 let completeFaults = 0
+/** Statements that completed runs: with a claim, and alone. */
+const completing = { withClaim: 0, alone: 0 }
 const CountingQueue = Layer.effect(
   RunsQueue,
   Effect.gen(function*() {
@@ -27,12 +29,14 @@ const CountingQueue = Layer.effect(
       completeManyAndClaim: (runs, q, options) =>
         Effect.suspend(() => {
           if (options.limit > 0) claims++
+          if (runs.length > 0) completing.withClaim++
           if (completeFaults === 0 || runs.length === 0) return queue.completeManyAndClaim(runs, q, options)
           completeFaults--
           return Effect.fail(new DatabaseError({ operation: "RunsQueue.completeManyAndClaim", message: "injected", retryable: true, cause: null }))
         }),
       completeMany: (runs) =>
         Effect.suspend(() => {
+          if (runs.length > 0) completing.alone++
           if (completeFaults === 0 || runs.length === 0) return queue.completeMany(runs)
           completeFaults--
           return Effect.fail(new DatabaseError({ operation: "RunsQueue.complete", message: "injected", retryable: true, cause: null }))
@@ -139,6 +143,24 @@ layer(TestLayer, { excludeTestServices: true })("RunWorker", (it) => {
       assert.strictEqual(sample("runlane_runs_deferred_total", `reason="handler"`), 1)
       assert.strictEqual(sample("runlane_run_start_latency_seconds_count", ""), 4, "every first attempt's start observed")
       assert.isAtLeast(sample("runlane_run_start_latency_seconds_sum", "")!, 0)
+    }))
+
+  it.effect("completions ride with the claim in a worker of 4 slots; 20 finishing together are settled in their own statement", () =>
+    Effect.gen(function*() {
+      const queue = yield* RunsQueue
+      for (const [concurrency, together] of [[4, true], [20, false]] as const) {
+        const q = freshQueue(`completing-${concurrency}`)
+        yield* queue.sendMany(Array.from({ length: 60 }, () => runInput(q)))
+        completing.withClaim = 0
+        completing.alone = 0
+        const worker = yield* startWorker({ queue: q, concurrency, handler: () => Effect.void })
+        yield* eventually("all completed", Effect.map(statuses(q), (s) => s["completed"] === 60), 10_000)
+        yield* worker.stop
+        // Four slots: every completion rides with a claim. Twenty: twenty runs finishing together are
+        // more than 16 to complete, so at least those are settled apart (a few may still ride along).
+        if (together) assert.deepStrictEqual(completing, { withClaim: completing.withClaim, alone: 0 }, `concurrency ${concurrency}`)
+        assert.isAbove(together ? completing.withClaim : completing.alone, 0, `concurrency ${concurrency}`)
+      }
     }))
 
   it.effect("a settle the database refused is retried until the runs are completed", () =>

@@ -77,7 +77,7 @@ export const claimableRun = `
 export const claimOrder = `order by r.priority desc nulls last, r.run_at, r.id`
 
 /** Largest limit written into the statement's text (see above). */
-const largestLiteralLimit = 16
+export const largestLiteralLimit = 16
 
 /** The LIMIT of a claim: literal up to 16, bound above. */
 export const claimLimit = (client: RunsClient, limit: number) =>
