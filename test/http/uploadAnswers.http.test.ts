@@ -10,7 +10,7 @@ import { Effect } from "effect"
 import { Database } from "../../src/db/Database.ts"
 import { WorkerTokens } from "../../src/ownership/WorkerTokens.ts"
 import { maxSnapshotBytes } from "../../src/snapshots/TranscriptSnapshots.ts"
-import { maxUploadBodyBytes } from "../../src/http/snapshotHandlers.ts"
+import { maxUploadBodyBytes } from "../../src/http/snapshotUpload.ts"
 import { forgeToken, runWithToken, type Scope, TestServer, testServerLayer } from "../support/httpHarness.ts"
 
 const path = "/worker/transcript/snapshot"
