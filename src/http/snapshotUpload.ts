@@ -27,7 +27,8 @@ import {
   TranscriptSnapshots,
   type UploadsBusy
 } from "../snapshots/TranscriptSnapshots.ts"
-import { answerDatabaseFailure } from "./internalError.ts"
+import type { DatabaseError } from "../db/DatabaseError.ts"
+import { internalError, logDatabaseFailure } from "./internalError.ts"
 import { parseJson, readBodyText } from "./requestBody.ts"
 import { BadRequest, Conflict, Forbidden, InternalError, PayloadTooLarge, Unauthorized } from "./RunlaneApi.ts"
 
@@ -92,6 +93,9 @@ const fieldErrors: Record<string, string> = {
   runId: "Missing or invalid runId"
 }
 
+/** A database failure: logged, answered 500 with a generic body (internalError.ts). */
+const databaseFailure = (error: DatabaseError) => Effect.andThen(logDatabaseFailure(error), refuse(internalError))
+
 const stored = (row: { readonly id: number }) => Effect.succeed(HttpServerResponse.jsonUnsafe({ id: row.id }))
 
 /**
@@ -124,20 +128,23 @@ export const SnapshotUploadRoute = HttpRouter.use(Effect.fnUntraced(function*(ro
   // it already has a snapshot. RunOwnership tells the first two apart. `put` still refuses a run
   // deleted in between (InvalidSnapshot on runId), which is out of scope by then.
   const storeOwned = (identity: VerifiedToken, snapshot: CheckedSnapshot, runId: number) =>
-    Effect.flatMap(ownership.verify(runId, identity.scope), (owned) =>
-      owned
-        ? Effect.matchEffect(snapshots.put(identity.scope, snapshot), {
-          onFailure: (error) =>
-            error._tag === "SnapshotExists"
-              ? refuse(snapshotExists)
-              : error._tag === "SnapshotTooLarge"
-              ? refuse(snapshotTooLarge)
-              : error._tag === "InvalidSnapshot"
-              ? refuse(outOfScope)
-              : Effect.fail(error),
-          onSuccess: stored
-        })
-        : refuse(outOfScope))
+    Effect.matchEffect(ownership.verify(runId, identity.scope), {
+      onFailure: databaseFailure,
+      onSuccess: (owned) =>
+        owned
+          ? Effect.matchEffect(snapshots.put(identity.scope, snapshot), {
+            onFailure: (error) =>
+              error._tag === "SnapshotExists"
+                ? refuse(snapshotExists)
+                : error._tag === "SnapshotTooLarge"
+                ? refuse(snapshotTooLarge)
+                : error._tag === "InvalidSnapshot"
+                ? refuse(outOfScope)
+                : databaseFailure(error),
+            onSuccess: stored
+          })
+          : refuse(outOfScope)
+    })
 
   // The hot path: one statement shared with concurrent uploads. The size and fields were checked
   // before, so SnapshotTooLarge and InvalidSnapshot cannot happen here but are answered as `put`'s.
@@ -150,7 +157,7 @@ export const SnapshotUploadRoute = HttpRouter.use(Effect.fnUntraced(function*(ro
           ? refuse(snapshotTooLarge)
           : error._tag === "InvalidSnapshot"
           ? refuse(outOfScope)
-          : Effect.fail(error),
+          : databaseFailure(error),
       onSuccess: (row) => Option.isSome(row) ? stored(row.value) : storeOwned(identity, snapshot, runId)
     })
 
@@ -176,11 +183,7 @@ export const SnapshotUploadRoute = HttpRouter.use(Effect.fnUntraced(function*(ro
       return refuse(new BadRequest({ error: message, field: snapshot.field }))
     }
     if (identity.kind !== "run" || identity.runId !== input.runId) return refuse(outOfScope)
-    return Effect.catchIf(
-      answerDatabaseFailure(store(identity, snapshot, input.runId)),
-      (error): error is InternalError => error instanceof InternalError,
-      refuse
-    )
+    return store(identity, snapshot, input.runId)
   }
 
   const upload = (request: HttpServerRequest) => {
