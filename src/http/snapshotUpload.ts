@@ -103,7 +103,7 @@ const stored = (row: { readonly id: number }) => Effect.succeed(HttpServerRespon
  * (HttpApiBuilder's getAuthorizationCredential, which effect does not export): the scheme in any case,
  * then one or more spaces. Undefined without one.
  */
-export const bearerCredential = (authorization: string | undefined): string | undefined => {
+const bearerCredential = (authorization: string | undefined): string | undefined => {
   const scheme = "bearer"
   if (
     authorization === undefined ||
