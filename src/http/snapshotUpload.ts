@@ -5,7 +5,10 @@
  * of it exists there to be served instead. Every answer (status, headers, body) is the one the
  * http-api endpoint gave (test/http/uploadAnswers.http.test.ts); what the endpoint's machinery did
  * per request (the security middleware, the handler wrapping, the error and success encoding through
- * schemas) is done here directly.
+ * schemas) is done here directly. Measured with 1 KB uploads, 16 in flight, on a 2-core machine shared
+ * with other work: the CPU spent in effect, @effect/platform-node and runlane's own code went from
+ * about 240 to 70 µs per upload (CPU profile of 10,000 uploads), and `npm run bench -- --only=http`
+ * put the upload at a median 0.87 of the hand-written grouped upload, against 0.71 before.
  *
  * Checks, in this order (reference section 4.3): the bearer worker token (401, or 400 without a scope
  * claim), body size (413, before the body is read), JSON (400), terminal status (400), snapshot
