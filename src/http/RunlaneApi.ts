@@ -48,28 +48,38 @@ export const SnapshotUpload = Schema.Struct({
 
 export const SnapshotJsonl = Schema.String.pipe(HttpApiSchema.asText({ contentType: "application/x-ndjson" }))
 
-export class SnapshotsGroup extends HttpApiGroup.make("snapshots")
-  .add(
-    // The body is read by the handler itself, under a byte limit, so an oversized upload is refused
-    // before it is read; the payload schema documents it.
-    HttpApiEndpoint.post("upload", "/snapshot", {
-      payload: SnapshotUpload,
-      success: Schema.Struct({ id: Schema.Number }),
-      error: [BadRequest, Forbidden, Conflict, PayloadTooLarge, InternalError, Unavailable]
-    }),
-    HttpApiEndpoint.get("latest", "/snapshot", {
-      success: SnapshotJsonl,
-      error: [NotFound, InternalError]
-    }),
-    HttpApiEndpoint.delete("reset", "/snapshot", {
-      success: Schema.Struct({ deleted: Schema.Number }),
-      error: InternalError
-    })
-  )
-  .middleware(WorkerAuth)
-  .prefix("/worker/transcript")
-  .annotateMerge(OpenApi.annotations({ title: "Transcript snapshots", description: "A worker's session transcript" }))
-{}
+// The body is read by the handler itself, under a byte limit, so an oversized upload is refused
+// before it is read; the payload schema documents it.
+const uploadEndpoint = HttpApiEndpoint.post("upload", "/snapshot", {
+  payload: SnapshotUpload,
+  success: Schema.Struct({ id: Schema.Number }),
+  error: [BadRequest, Forbidden, Conflict, PayloadTooLarge, InternalError, Unavailable]
+})
+const latestEndpoint = HttpApiEndpoint.get("latest", "/snapshot", {
+  success: SnapshotJsonl,
+  error: [NotFound, InternalError]
+})
+const resetEndpoint = HttpApiEndpoint.delete("reset", "/snapshot", {
+  success: Schema.Struct({ deleted: Schema.Number }),
+  error: InternalError
+})
+
+const snapshotsGroup = <const Endpoints extends readonly [HttpApiEndpoint.Constraint, ...Array<HttpApiEndpoint.Constraint>]>(
+  ...endpoints: Endpoints
+) =>
+  HttpApiGroup.make("snapshots")
+    .add(...endpoints)
+    .middleware(WorkerAuth)
+    .prefix("/worker/transcript")
+    .annotateMerge(OpenApi.annotations({ title: "Transcript snapshots", description: "A worker's session transcript" }))
+
+export class SnapshotsGroup extends snapshotsGroup(uploadEndpoint, latestEndpoint, resetEndpoint) {}
+
+/**
+ * The snapshots group as HttpApiBuilder serves it: without the upload, which is a plain router route
+ * (snapshotUpload.ts) answering exactly as this contract says, with less work per request.
+ */
+export class ServedSnapshotsGroup extends snapshotsGroup(latestEndpoint, resetEndpoint) {}
 
 export const OrchestratorHealth = Schema.Struct({
   status: Schema.Literal("ok"),
@@ -164,9 +174,18 @@ export class AdminGroup extends HttpApiGroup.make("admin")
   .prefix("/v1")
 {}
 
-export class RunlaneApi extends HttpApi.make("runlane")
-  .add(SnapshotsGroup)
-  .add(HealthGroup)
-  .add(AdminGroup)
-  .annotateMerge(OpenApi.annotations({ title: "runlane" }))
-{}
+const runlaneApi = <const Snapshots extends HttpApiGroup.Constraint>(snapshots: Snapshots) =>
+  HttpApi.make("runlane")
+    .add(snapshots)
+    .add(HealthGroup)
+    .add(AdminGroup)
+    .annotateMerge(OpenApi.annotations({ title: "runlane" }))
+
+/** The whole contract: what /openapi.json documents and a client is generated from. */
+export class RunlaneApi extends runlaneApi(SnapshotsGroup) {}
+
+/**
+ * What HttpApiBuilder serves: RunlaneApi but for the upload endpoint (see ServedSnapshotsGroup). Group
+ * layers built for RunlaneApi fit it too (the same API id and group names).
+ */
+export class ServedApi extends runlaneApi(ServedSnapshotsGroup) {}

@@ -8,17 +8,20 @@ import { InternalError } from "./RunlaneApi.ts"
 
 export const internalError = new InternalError({ error: "Internal error" })
 
+/** What failed, for the log only. */
+export const logDatabaseFailure = (error: DatabaseError): Effect.Effect<void> =>
+  Effect.logError("database failure answered 500", {
+    operation: error.operation,
+    sqlState: error.sqlState,
+    retryable: error.retryable,
+    message: error.message
+  })
+
 export const answerDatabaseFailure = <A, E, R>(
   self: Effect.Effect<A, E | DatabaseError, R>
 ): Effect.Effect<A, Exclude<E, DatabaseError> | InternalError, R> =>
   Effect.catchIf(
     self,
     (error): error is DatabaseError => Predicate.isTagged(error, "DatabaseError"),
-    (error) =>
-      Effect.logError("database failure answered 500", {
-        operation: error.operation,
-        sqlState: error.sqlState,
-        retryable: error.retryable,
-        message: error.message
-      }).pipe(Effect.andThen(Effect.fail(internalError)))
+    (error) => Effect.andThen(logDatabaseFailure(error), Effect.fail(internalError))
   ) as Effect.Effect<A, Exclude<E, DatabaseError> | InternalError, R>

@@ -6,7 +6,7 @@ import { createServer, type Server } from "node:http"
 import { NodeHttpServer } from "@effect/platform-node"
 import { Duration, Effect, Layer, Redacted, Schema } from "effect"
 import { HttpRouter, HttpServer, HttpServerResponse } from "effect/http"
-import { HttpApiBuilder } from "effect/http-api"
+import { HttpApiBuilder, OpenApi } from "effect/http-api"
 import type { Database } from "../db/Database.ts"
 import type { Migrator } from "../db/Migrator.ts"
 import type { ConversationLocks } from "../locks/ConversationLocks.ts"
@@ -24,8 +24,9 @@ import {
 } from "./authentication.ts"
 import { HealthHandlers } from "./healthHandlers.ts"
 import { HttpMetricsMiddleware } from "./httpMetrics.ts"
-import { type AdminAuth, RunlaneApi } from "./RunlaneApi.ts"
+import { type AdminAuth, RunlaneApi, ServedApi } from "./RunlaneApi.ts"
 import { SnapshotHandlers } from "./snapshotHandlers.ts"
+import { SnapshotUploadRoute } from "./snapshotUpload.ts"
 
 /** The services the routes stand on. */
 export type RouteServices =
@@ -44,10 +45,23 @@ export const requestTimeoutMs = 120_000
 
 const notFound = HttpRouter.add("*", "*", HttpServerResponse.jsonUnsafe({ error: "Not found" }, { status: 404 }))
 
+/**
+ * The whole RunlaneApi document, as HttpApiBuilder's `openapiPath` would serve it (made at the first
+ * request, then reused): HttpApiBuilder serves ServedApi, which lacks the upload.
+ */
+let openApiDocument: HttpServerResponse.HttpServerResponse | undefined
+const openApi = HttpRouter.add(
+  "GET",
+  "/openapi.json",
+  Effect.sync(() => openApiDocument ??= HttpServerResponse.jsonUnsafe(OpenApi.fromApi(RunlaneApi)))
+)
+
 /** Every route, including /openapi.json, answering JSON 404 for anything else; admin auth as given. */
 const routesWith = <E>(adminAuth: Layer.Layer<AdminAuth, E>) =>
   Layer.mergeAll(
-    HttpApiBuilder.layer(RunlaneApi, { openapiPath: "/openapi.json" }),
+    HttpApiBuilder.layer(ServedApi),
+    SnapshotUploadRoute,
+    openApi,
     notFound,
     HttpMetricsMiddleware
   ).pipe(
