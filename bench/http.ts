@@ -53,6 +53,10 @@ const send = (agent: Agent, port: number, prepared: Prepared): Promise<number> =
 
 /** Sends every request with `concurrency` in flight; answers requests per second. Any non-200 aborts. */
 const throughput = async (agent: Agent, port: number, requests: ReadonlyArray<Prepared>): Promise<number> => {
+  // Idle keep-alive sockets are dropped first: a server closes a socket idle past its keepAliveTimeout
+  // (5 s; the other sides' rounds take longer), and a request written on it as it closes fails with
+  // "socket hang up" (seen once in a bench run). So every batch of every side opens its connections anew.
+  for (const sockets of Object.values(agent.freeSockets)) for (const socket of sockets ?? []) socket.destroy()
   let next = 0
   const started = now()
   await Promise.all(Array.from({ length: concurrency }, async () => {
