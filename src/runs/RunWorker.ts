@@ -29,6 +29,7 @@ import { TranscriptSnapshots } from "../snapshots/TranscriptSnapshots.ts"
 import { makeConversationSeats } from "./conversationSeats.ts"
 import type { ClaimedRun } from "./claimRuns.ts"
 import { type DeferReason, dispatchMetricsFor } from "./dispatchMetrics.ts"
+import { makeObservedStarts } from "./observedStarts.ts"
 import { InvalidRunsArgument } from "./runErrors.ts"
 import { maxDelayMs, RunsQueue, type SettleOutcome } from "./RunsQueue.ts"
 import { conversationWantedChannel, runsChannel } from "./runsChannel.ts"
@@ -134,10 +135,7 @@ const describeFailure = (cause: Cause.Cause<unknown>): string => printable(Cause
 const isDelay = (delayMs: unknown): boolean =>
   typeof delayMs === "number" && Number.isFinite(delayMs) && delayMs >= 0 && delayMs <= maxDelayMs
 
-/**
- * Runs whose first start this process has observed, so a run deferred or released and started again
- * is observed once; bounded, oldest forgotten first (a run restarted after 10,000 others may count twice).
- */
+/** Runs whose first start this process remembers (observedStarts.ts). */
 const observedStartsLimit = 10_000
 
 const checkCount = (argument: string, value: number, min: number, max: number) =>
@@ -195,7 +193,7 @@ export class RunWorker extends Context.Service<RunWorker, {
         Effect.tryPromise(() => sql`select pg_notify(${conversationWantedChannel}, ${String(conversationLockHash(key))})`).pipe(
           Effect.ignore
         )
-      const observedStarts = new Set<number>()
+      const observedStarts = makeObservedStarts(observedStartsLimit)
       const start = <R>(options: RunWorkerOptions<R>) =>
         Effect.gen(function*() {
           const concurrency = options.concurrency ?? workerDefaults.concurrency
@@ -362,9 +360,7 @@ export class RunWorker extends Context.Service<RunWorker, {
               const token = key !== undefined && key.agentId !== "" && Option.isSome(tokens)
                 ? yield* tokens.value.mintRunToken(key, run.id)
                 : undefined
-              if (run.attempts === 0 && !observedStarts.has(run.id)) {
-                observedStarts.add(run.id)
-                if (observedStarts.size > observedStartsLimit) observedStarts.delete(observedStarts.values().next().value!)
+              if (run.attempts === 0 && observedStarts.firstStart(run.id)) {
                 yield* metrics.started(Math.max(0, Date.now() - run.createdAt.getTime()) / 1000)
               }
               const handler = options.handler({ run, lock, transcript, token })
