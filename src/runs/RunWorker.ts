@@ -96,6 +96,12 @@ interface Claim {
   reason: InterruptReason | undefined
   /** Its settle is queued or running: the settle, not the heartbeat, reports it lost. */
   settling: boolean
+  /**
+   * Its loss or cancellation has been counted in the metrics. A settle and a heartbeat can both find
+   * the run gone (a heartbeat applies a cancellation while the completion is queued, and either answer
+   * may be read first): whichever is read first counts it, so each claim counts once.
+   */
+  counted: boolean
   /** Handlers of earlier claims of the same run, still ending: this claim's handler waits for them all. */
   readonly after: ReadonlyArray<Fiber.Fiber<void>>
 }
@@ -244,15 +250,31 @@ export class RunWorker extends Context.Service<RunWorker, {
             Queue.offerUnsafe(settleSignal, undefined)
           }
 
+          /**
+           * How many of `settles` a settle found lost, counting each claim once: not one whose fate was
+           * already told (cancelled or lost by a heartbeat, a stale claim) or counted. Marks them counted,
+           * and the ones the statement cancelled too.
+           */
+          const newlyLost = (settles: ReadonlyArray<Settle>, outcome: Pick<SettleOutcome, "lost" | "cancelled">) => {
+            const lost = new Set(outcome.lost)
+            const cancelled = new Set(outcome.cancelled)
+            let count = 0
+            for (const { claim } of settles) {
+              if (cancelled.has(claim.run.id)) claim.counted = true
+              if (!lost.has(claim.run.id) || claim.reason !== undefined || claim.counted) continue
+              claim.counted = true
+              count++
+            }
+            return count
+          }
+
           /** After a statement settled `completes`: their slots are free, and the metrics say how it went. */
           const completesSettled = (completes: ReadonlyArray<Settle>, outcome: SettleOutcome) =>
             Effect.suspend(() => {
               for (const settle of completes) freeSlot(settle.claim)
-              const lost = new Set(outcome.lost)
               return Effect.all([
                 metrics.completed(outcome.settled.length),
-                // Lost runs whose fate was already reported (cancelled by a heartbeat, or a stale claim) are not counted again.
-                metrics.lost(completes.filter((s) => s.claim.reason === undefined && lost.has(s.claim.run.id)).length),
+                metrics.lost(newlyLost(completes, outcome)),
                 metrics.cancelled(outcome.cancelled.length)
               ], { discard: true })
             })
@@ -289,14 +311,15 @@ export class RunWorker extends Context.Service<RunWorker, {
             const outcomes = [done(completes, completed), done(fails, failed), done(defers, deferred), done(releases, released)]
             const [c, f, d, r] = outcomes
             const deferredIds = new Set(d?.settled ?? [])
-            const lostIds = new Set(outcomes.flatMap((outcome) => outcome?.lost ?? []))
             yield* Effect.all([
               metrics.completed(c?.settled.length ?? 0),
               metrics.failedAttempts(f?.settled.length ?? 0),
               metrics.released(r?.settled.length ?? 0),
               Effect.forEach(defers.filter((s) => deferredIds.has(s.claim.run.id)), (s) => metrics.deferred(s.reason, 1)),
-              // Lost runs whose fate was already reported (cancelled by a heartbeat, or a stale claim) are not counted again.
-              metrics.lost(batch.filter((s) => s.claim.reason === undefined && lostIds.has(s.claim.run.id)).length),
+              metrics.lost(newlyLost(batch, {
+                lost: outcomes.flatMap((outcome) => outcome?.lost ?? []),
+                cancelled: outcomes.flatMap((outcome) => outcome?.cancelled ?? [])
+              })),
               metrics.cancelled(outcomes.reduce((n, outcome) => n + (outcome?.cancelled.length ?? 0), 0))
             ], { discard: true })
             if (retry.length > 0) {
@@ -455,7 +478,8 @@ export class RunWorker extends Context.Service<RunWorker, {
                     yield* Effect.logWarning("Run claimed again after its lease ran out; its earlier handler is interrupted", { runId: run.id })
                     // Its loss is told here unless a heartbeat told it already: the settle that would
                     // have reported it is dropped below, and the heartbeat beats the new claim only.
-                    if (stale.reason === undefined) yield* metrics.lost(1)
+                    if (stale.reason === undefined && !stale.counted) yield* metrics.lost(1)
+                    stale.counted = true
                     yield* interrupt([stale], "lost", false)
                     stale.reason = "lost"
                     for (let i = pending.length - 1; i >= 0; i--) if (pending[i]!.claim === stale) pending.splice(i, 1)
@@ -465,7 +489,14 @@ export class RunWorker extends Context.Service<RunWorker, {
                   }
                   // Every fiber of this run still running, whatever became of its claim (a claim that was
                   // itself only waiting may have ended and left `claims`).
-                  const claim: Claim = { run, fiber: undefined, reason: undefined, settling: false, after: [...(fibersOf.get(run.id) ?? [])] }
+                  const claim: Claim = {
+                    run,
+                    fiber: undefined,
+                    reason: undefined,
+                    settling: false,
+                    counted: false,
+                    after: [...(fibersOf.get(run.id) ?? [])]
+                  }
                   // The slot is taken before the fork, so a handler that ends at once cannot free it first.
                   claims.set(run.id, claim)
                   const fiber = yield* Effect.forkIn(handle(claim), scope)
@@ -498,9 +529,11 @@ export class RunWorker extends Context.Service<RunWorker, {
               const outcome = yield* queue.heartbeatMany(beating.map((claim) => claim.run)).pipe(Effect.exit)
               if (Exit.isSuccess(outcome)) {
                 const byId = new Map(beating.map((claim) => [claim.run.id, claim]))
-                // A run the heartbeat found gone while its settle is queued: the settle reports it.
-                const lost = outcome.value.lost.map((id) => byId.get(id)!).filter((claim) => !claim.settling)
-                const cancelled = outcome.value.cancelled.map((id) => byId.get(id)!)
+                // A run the heartbeat found gone while its settle is queued: the settle reports it. One this
+                // heartbeat cancelled whose settle was answered first was counted (lost) by the settle.
+                const lost = outcome.value.lost.map((id) => byId.get(id)!).filter((claim) => !claim.settling && !claim.counted)
+                const cancelled = outcome.value.cancelled.map((id) => byId.get(id)!).filter((claim) => !claim.counted)
+                for (const claim of [...lost, ...cancelled]) claim.counted = true
                 // Cancelled by this heartbeat: decided, so a settle still queued does not count it lost too.
                 for (const claim of cancelled) if (claim.settling) claim.reason = "cancelled"
                 yield* metrics.lost(lost.length)

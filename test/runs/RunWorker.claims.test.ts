@@ -19,9 +19,18 @@ import { testDatabaseLayer } from "../support/testDatabase.ts"
  * Faults and counts the tests steer: the next releaseMany commits and then reports an error; every
  * completeMany and completeManyAndClaim with runs to complete fail while failCompletes is set, and
  * completeManyAndClaim alone while failCompletingClaims is (its claim part failing, say); heartbeats
- * counted.
+ * counted, and an answer that cancelled runs held back (after its statement committed) until
+ * `heartbeatAnswers`, when set, is done; completions answered counted.
  */
-const harness = { releaseAnswerLost: 0, failCompletes: false, failCompletingClaims: false, heartbeatsStarted: 0, heartbeatsEnded: 0 }
+const harness = {
+  releaseAnswerLost: 0,
+  failCompletes: false,
+  failCompletingClaims: false,
+  heartbeatsStarted: 0,
+  heartbeatsEnded: 0,
+  heartbeatAnswers: undefined as Deferred.Deferred<void> | undefined,
+  completionsAnswered: 0
+}
 const clock = movableClock()
 
 const HarnessQueue = Layer.effect(RunsQueue, Effect.gen(function*() {
@@ -41,11 +50,19 @@ const HarnessQueue = Layer.effect(RunsQueue, Effect.gen(function*() {
     completeManyAndClaim: (runs, q, options) =>
       runs.length > 0 && (harness.failCompletes || harness.failCompletingClaims)
         ? Effect.fail(new DatabaseError({ operation: "RunsQueue.completeManyAndClaim", message: "injected", retryable: true, cause: null }))
-        : real.completeManyAndClaim(runs, q, options),
+        : real.completeManyAndClaim(runs, q, options).pipe(
+          Effect.tap(() => Effect.sync(() => void (runs.length > 0 && harness.completionsAnswered++)))
+        ),
     heartbeatMany: (runs) =>
       Effect.suspend(() => {
         harness.heartbeatsStarted++
-        return real.heartbeatMany(runs).pipe(Effect.ensuring(Effect.sync(() => void harness.heartbeatsEnded++)))
+        return real.heartbeatMany(runs).pipe(
+          Effect.tap((outcome) => {
+            const held = harness.heartbeatAnswers
+            return held === undefined || outcome.cancelled.length === 0 ? Effect.void : Deferred.await(held)
+          }),
+          Effect.ensuring(Effect.sync(() => void harness.heartbeatsEnded++))
+        )
       })
   })
 })).pipe(Layer.provideMerge(RunsQueue.layerWith({ now: clock.now, leaseMs: 3_000, heartbeatMs: 200 })))
@@ -247,6 +264,33 @@ layer(TestLayer, { excludeTestServices: true })("RunWorker claims", (it) => {
       yield* eventually("completed by the settler's own statement", Effect.map(readRun(id), (row) => row.status === "completed"), 5_000)
       yield* worker.stop
     }).pipe(Effect.ensuring(Effect.sync(() => void (harness.failCompletingClaims = false)))))
+
+  it.effect("a run a heartbeat cancelled while its completion was queued is counted once, whichever answer is read first", () =>
+    Effect.gen(function*() {
+      const queue = yield* RunsQueue
+      const q = freshQueue("cancel-settle-race")
+      const { id } = yield* queue.send(runInput(q))
+      const handlerGate = yield* Deferred.make<void>()
+      const worker = yield* startWorker({ queue: q, handler: () => Deferred.await(handlerGate), pollIntervalMs: 50 })
+      yield* eventually("claimed", Effect.map(readRun(id), (row) => row.status === "claimed"), 5_000)
+      // The heartbeat that applies the cancellation has its answer held back after its commit.
+      const heartbeatAnswers = yield* Deferred.make<void>()
+      harness.heartbeatAnswers = heartbeatAnswers
+      const endedBefore = harness.heartbeatsEnded
+      yield* queue.cancel(id)
+      yield* eventually("a heartbeat cancelled the run", Effect.map(readRun(id), (row) => row.status === "cancelled"), 5_000)
+      // Meanwhile the handler ends: its completion finds the run no longer claimed (lost) and is read first.
+      const answeredBefore = harness.completionsAnswered
+      yield* Deferred.succeed(handlerGate, undefined)
+      yield* eventually("the completion answered", Effect.sync(() => harness.completionsAnswered > answeredBefore), 5_000)
+      harness.heartbeatAnswers = undefined
+      yield* Deferred.succeed(heartbeatAnswers, undefined)
+      yield* eventually("the held heartbeat answered", Effect.sync(() => harness.heartbeatsEnded > endedBefore), 5_000)
+      yield* worker.stop
+      const lost = yield* counter("runlane_runs_lease_lost_total", q)
+      const cancelled = yield* counter("runlane_runs_cancelled_while_claimed_total", q)
+      assert.strictEqual(lost + cancelled, 1, `lost ${lost}, cancelled ${cancelled}`)
+    }).pipe(Effect.ensuring(Effect.sync(() => void (harness.heartbeatAnswers = undefined)))))
 
   it.effect("a finished run whose settle kept failing, swept and claimed again by this process: its lost lease is counted once", () =>
     Effect.gen(function*() {
