@@ -138,6 +138,8 @@ const measure = (url: string, raw: postgres.Sql, pool: number): Effect.Effect<Be
         ? `${stats.value.completed} of ${runs} runs completed`
         : after.held + after.inFlight + after.stranded > 0
         ? `locks still counted after the worker stopped: ${JSON.stringify(after)}`
+        : after.acquired === before.acquired
+        ? "no conversation lock was taken: the worker is not the one built with ConversationLocks"
         : undefined
       if (problem !== undefined) return yield* Effect.die(new Error(`dispatch with conversation locks: ${problem}`))
       // A deferred run was given a later run_at; the insert set run_at and created_at to the same now().
@@ -195,5 +197,7 @@ const measure = (url: string, raw: postgres.Sql, pool: number): Effect.Effect<Be
         `${sum("deferred")} deferred (busy ${sum("busy")}, cap ${sum("capReached")}) in ${measured} runs; ` +
         `baseline: the claim-one/complete loop, no per-conversation exclusion (${refused} claims refused by the index)`
     } satisfies BenchResult
-  }).pipe(Effect.scoped, Effect.provide(lockedLayer(url, pool)))
+    // Built afresh (local): the runs group's own RunWorker and RunsQueue come from the same static
+    // layers, and a shared memo map would hand this figure that lock-less worker over the other pool.
+  }).pipe(Effect.scoped, Effect.provide(lockedLayer(url, pool), { local: true }))
 

@@ -1,38 +1,62 @@
 /**
- * Issue #12's dispatch figure: runs processed per second (claim, a no-op handler, complete) by W
- * concurrent workers, RunsQueue's statements as the work loop uses them (in batches of up to 16 one
- * statement completes a batch and claims the next; larger ones claim and complete apart) against a hand-written postgres.js loop that claims one run
- * with SKIP LOCKED and completes it, for W = 1, 4 and 16.
+ * Issue #12's dispatch figures: runs processed per second (claim, a no-op handler, complete) by W
+ * concurrent workers, against a hand-written postgres.js loop that claims one run with SKIP LOCKED and
+ * completes it, W loops at once, for W = 1, 4 and 16.
+ *
+ * - The work loop (the figures of record): W RunWorkers, each with the default 10 slots and a no-op
+ *   handler, as W worker processes would run them (here in one process, on one pool), and one RunWorker
+ *   with 16 slots against 16 loops, the same number of runs in flight on both sides. A round ends when
+ *   the handler has seen every run and the workers have stopped, which settles the last ones.
+ * - RunsQueue's statements alone, as the work loop issues them (in batches of up to 16 one statement
+ *   completes a batch and claims the next; larger ones claim and complete apart), without the loop:
+ *   the ceiling the loop's own bookkeeping (fibers, slots, metrics) takes its share of.
  *
  * Each side of each round starts from an emptied, freshly analyzed table holding the same runs, and the
  * side that goes first alternates, so neither side inherits the other's dead rows or index bloat.
  */
-import { Effect } from "effect"
+import { Deferred, Effect, Exit, Scope } from "effect"
 import postgres from "postgres"
+import { RunWorker } from "../src/runs/RunWorker.ts"
 import { type ClaimedRun, RunsQueue } from "../src/runs/RunsQueue.ts"
 import { largestLiteralLimit } from "../src/runs/sql/claimEligibility.ts"
 import { type BenchResult, median, now } from "./harness.ts"
 
 const queueName = "bench-dispatch"
 /**
- * Runs per side per round, by worker count: the hand-written side takes ~2-4 s a round at ~200-500
- * runs/s on this 2-core machine, long enough to hold its share of scheduling noise.
+ * Runs per side per round, by worker count: the hand-written side takes 1-4 s a round at 2,000-4,000
+ * runs/s on this 2-core machine, long enough to hold its share of scheduling noise. Rounds of 2,000 at
+ * 16 workers (the library side done in ~0.2 s) put the statements' ratio at 2.5-3.3 where rounds of
+ * 8,000 gave 3.1-3.5 (scratch runs, same machine): such rounds ran mostly before V8 had optimized the
+ * loop (the work loop's Node CPU per run fell from 110-135 to 45-60 us over a process's first 40,000
+ * runs), and their last batches ran with most workers idle.
  */
-const runsPerRound = { 1: 500, 4: 1_000, 16: 2_000 } as const
+const runsPerRound = { 1: 4_000, 4: 8_000, 16: 16_000 } as const
 /**
  * Runs each library worker claims per statement, which also completes the batch before: 10 (one commit
  * per 10 runs instead of 2 per run) for every worker count, and 50 (0.02 per run) for 4 and 16, the size of batch
- * a prefetching worker such as graphile-worker's local queue works with. Batches of 50 get twice the runs
- * per round, so a round still holds several batches per worker.
+ * a prefetching worker such as graphile-worker's local queue works with.
  */
-const configurations = [
+const statementConfigurations = [
   { workers: 1, claimBatch: 10 },
   { workers: 4, claimBatch: 10 },
   { workers: 16, claimBatch: 10 },
   { workers: 4, claimBatch: 50 },
   { workers: 16, claimBatch: 50 }
 ] as const
+/**
+ * The work loop: `loops` RunWorkers of `slots` each against `workers` hand-written loops. The first
+ * three are the issue's W workers, each a worker process's loop with the default 10 slots; the last
+ * holds as many runs in flight as its baseline.
+ */
+const workLoopConfigurations = [
+  { loops: 1, slots: 10, workers: 1 },
+  { loops: 4, slots: 10, workers: 4 },
+  { loops: 16, slots: 10, workers: 16 },
+  { loops: 1, slots: 16, workers: 16 }
+] as const
 const rounds = 7
+/** A work-loop round that has not seen every run by then failed (a lost wake-up): the bench stops. */
+const roundDeadlineMs = 120_000
 
 /**
  * The baseline: one run per claim, as the reference system and most hand-rolled queues do it. Answers
@@ -71,9 +95,41 @@ export const handWrittenWorker = async (raw: postgres.Sql, me: string, queue: st
   }
 }
 
-export const claimBenchmarks = (raw: postgres.Sql): Effect.Effect<ReadonlyArray<BenchResult>, unknown, RunsQueue> =>
+/**
+ * Rounds of both sides, each on a freshly filled table, the side that goes first alternating; `check`
+ * runs after each library side, outside its time. Round 0 warms both sides up (connections, prepared
+ * statements, JIT). The ratio is the median of the rounds' ratios: the two sides of a round run seconds
+ * apart, so load that drifts between rounds (this VM's own swings reach 2x) cancels out of each ratio.
+ */
+const sideBySide = (
+  sides: readonly [Effect.Effect<number, unknown>, Effect.Effect<number, unknown>],
+  fill: Effect.Effect<void>,
+  check: Effect.Effect<void>
+) =>
+  Effect.gen(function*() {
+    const times: [Array<number>, Array<number>] = [[], []]
+    const ratios: Array<number> = []
+    for (let round = 0; round < rounds; round++) {
+      const elapsed: [number, number] = [0, 0]
+      for (let k = 0; k < sides.length; k++) {
+        const side = (round + k) % sides.length
+        yield* fill
+        elapsed[side] = yield* sides[side]!
+        if (side === 0) yield* check
+      }
+      if (round > 0) {
+        times[0].push(elapsed[0])
+        times[1].push(elapsed[1])
+        ratios.push(elapsed[1] / elapsed[0])
+      }
+    }
+    return { lib: median(times[0]), hand: median(times[1]), ratio: median(ratios) }
+  })
+
+export const claimBenchmarks = (raw: postgres.Sql): Effect.Effect<ReadonlyArray<BenchResult>, unknown, RunsQueue | RunWorker> =>
   Effect.gen(function*() {
     const queue = yield* RunsQueue
+    const runWorker = yield* RunWorker
     const fill = (runs: number) => Effect.promise(async () => {
       await raw`truncate runs, agent_transcript_snapshots`
       await raw`
@@ -94,47 +150,71 @@ export const claimBenchmarks = (raw: postgres.Sql): Effect.Effect<ReadonlyArray<
         finished = claimed
       }
     })
+    // The work loop: `loops` RunWorkers of `slots` over the runs, stopped once the handler has seen them
+    // all (stopping settles what is still to complete); answers the milliseconds it took.
+    const workLoops = (loops: number, slots: number, runs: number) =>
+      Effect.gen(function*() {
+        const start = now()
+        const scope = yield* Scope.make()
+        const allSeen = yield* Deferred.make<void>()
+        let seen = 0
+        const handler = () => Effect.sync(() => void (++seen === runs && Deferred.doneUnsafe(allSeen, Effect.void)))
+        for (let i = 0; i < loops; i++) {
+          yield* runWorker.start({ queue: queueName, concurrency: slots, handler }).pipe(Scope.provide(scope))
+        }
+        const finished = yield* Deferred.await(allSeen).pipe(Effect.timeoutOption(roundDeadlineMs))
+        yield* Scope.close(scope, Exit.void)
+        if (finished._tag === "None") return yield* Effect.die(new Error(`the work loop saw ${seen} of ${runs} runs in ${roundDeadlineMs} ms`))
+        return now() - start
+      })
+    const completedRuns = Effect.promise(() =>
+      raw<[{ n: number }]>`select count(*)::int as n from runs where queue = ${queueName} and status = 'completed'`
+    ).pipe(Effect.map(([row]) => row.n))
+    const handWritten = (workers: number) =>
+      Effect.promise(async () => {
+        const start = now()
+        await Promise.all(Array.from({ length: workers }, (_, i) => handWrittenWorker(raw, `bench-${i}`)))
+        return now() - start
+      })
+
     const results: Array<BenchResult> = []
-    for (const { workers, claimBatch } of configurations) {
-      const runs = runsPerRound[workers] * (claimBatch / 10 > 1 ? 2 : 1)
+    for (const { loops, slots, workers } of workLoopConfigurations) {
+      const runs = runsPerRound[workers]
+      const sides = [workLoops(loops, slots, runs), handWritten(workers)] as const
+      const { lib, hand, ratio } = yield* sideBySide(sides, fill(runs), completedRuns.pipe(
+        Effect.flatMap((n) => n === runs ? Effect.void : Effect.die(new Error(`${n} of ${runs} runs completed`)))
+      ))
+      results.push({
+        name: loops === 1 && slots === workers
+          ? `work loop, 1 loop of ${slots} slots vs ${workers} loops`
+          : `work loop, ${loops} worker${loops === 1 ? "" : "s"} of ${slots} slots`,
+        value: (runs / lib) * 1000,
+        baseline: (runs / hand) * 1000,
+        unit: "runs/s",
+        ratio,
+        note: `RunWorker, no-op handler, vs ${workers} claim-one/complete loop${workers === 1 ? "" : "s"}; target ${
+          workers === 16 ? ">= 3.5" : workers === 4 ? ">= 2.5" : "-"
+        }`
+      })
+    }
+    for (const { workers, claimBatch } of statementConfigurations) {
+      const runs = runsPerRound[workers]
       const sides = [
         Effect.gen(function*() {
           const start = now()
           yield* Effect.all(Array.from({ length: workers }, () => libraryWorker(claimBatch)), { concurrency: "unbounded" })
           return now() - start
         }),
-        Effect.promise(async () => {
-          const start = now()
-          await Promise.all(Array.from({ length: workers }, (_, i) => handWrittenWorker(raw, `bench-${i}`)))
-          return now() - start
-        })
+        handWritten(workers)
       ] as const
-      const times: [Array<number>, Array<number>] = [[], []]
-      const ratios: Array<number> = []
-      for (let round = 0; round < rounds; round++) {
-        const elapsed: [number, number] = [0, 0]
-        for (let k = 0; k < sides.length; k++) {
-          const side = (round + k) % sides.length
-          yield* fill(runs)
-          elapsed[side] = yield* sides[side]!
-        }
-        // Round 0 warms both sides up (connections, prepared statements, JIT). The ratio is the median of
-        // the rounds' ratios: the two sides of a round run seconds apart, so load that drifts between
-        // rounds (this VM's own swings reach 2x) cancels out of each ratio.
-        if (round > 0) {
-          times[0].push(elapsed[0])
-          times[1].push(elapsed[1])
-          ratios.push(elapsed[1] / elapsed[0])
-        }
-      }
-      const [lib, hand] = times.map(median) as [number, number]
+      const { lib, hand, ratio } = yield* sideBySide(sides, fill(runs), Effect.void)
       results.push({
-        name: `dispatch, ${workers} worker${workers === 1 ? "" : "s"}, claim ${claimBatch}`,
+        name: `statements, ${workers} worker${workers === 1 ? "" : "s"}, claim ${claimBatch}`,
         value: (runs / lib) * 1000,
         baseline: (runs / hand) * 1000,
         unit: "runs/s",
-        ratio: median(ratios),
-        note: `${claimBatch <= largestLiteralLimit ? "completeManyAndClaim" : "claim + completeMany"} of ${claimBatch} per worker vs claim-one/complete loop; target ${workers === 16 ? ">= 3.5" : workers === 4 ? ">= 2.5" : "-"}`
+        ratio,
+        note: `statements alone: ${claimBatch <= largestLiteralLimit ? "completeManyAndClaim" : "claim + completeMany"} of ${claimBatch} per worker vs claim-one/complete loop`
       })
     }
     // Leave the table as the figures after this one expect it: without runs lacking a conversation.
