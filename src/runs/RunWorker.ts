@@ -252,8 +252,9 @@ export class RunWorker extends Context.Service<RunWorker, {
 
           /**
            * How many of `settles` a settle found lost, counting each claim once: not one whose fate was
-           * already told (cancelled or lost by a heartbeat, a stale claim) or counted. Marks them counted,
-           * and the ones the statement cancelled too.
+           * already told (interrupted as lost or cancelled by a heartbeat, a stale claim) or counted. A
+           * claim interrupted for stopping told nothing: its release finding the run gone counts it.
+           * Marks them counted, and the ones the statement cancelled too.
            */
           const newlyLost = (settles: ReadonlyArray<Settle>, outcome: Pick<SettleOutcome, "lost" | "cancelled">) => {
             const lost = new Set(outcome.lost)
@@ -261,7 +262,7 @@ export class RunWorker extends Context.Service<RunWorker, {
             let count = 0
             for (const { claim } of settles) {
               if (cancelled.has(claim.run.id)) claim.counted = true
-              if (!lost.has(claim.run.id) || claim.reason !== undefined || claim.counted) continue
+              if (!lost.has(claim.run.id) || claim.reason === "lost" || claim.reason === "cancelled" || claim.counted) continue
               claim.counted = true
               count++
             }

@@ -19,8 +19,8 @@ import { testDatabaseLayer } from "../support/testDatabase.ts"
  * Faults and counts the tests steer: the next releaseMany commits and then reports an error; every
  * completeMany and completeManyAndClaim with runs to complete fail while failCompletes is set, and
  * completeManyAndClaim alone while failCompletingClaims is (its claim part failing, say); heartbeats
- * counted, and an answer that cancelled runs held back (after its statement committed) until
- * `heartbeatAnswers`, when set, is done; completions answered counted.
+ * counted, and an answer that found runs cancelled or lost held back (after its statement committed)
+ * until `heartbeatAnswers`, when set, is done; completions answered counted.
  */
 const harness = {
   releaseAnswerLost: 0,
@@ -29,6 +29,7 @@ const harness = {
   heartbeatsStarted: 0,
   heartbeatsEnded: 0,
   heartbeatAnswers: undefined as Deferred.Deferred<void> | undefined,
+  heartbeatsHeld: 0,
   completionsAnswered: 0
 }
 const clock = movableClock()
@@ -59,7 +60,9 @@ const HarnessQueue = Layer.effect(RunsQueue, Effect.gen(function*() {
         return real.heartbeatMany(runs).pipe(
           Effect.tap((outcome) => {
             const held = harness.heartbeatAnswers
-            return held === undefined || outcome.cancelled.length === 0 ? Effect.void : Deferred.await(held)
+            if (held === undefined || outcome.cancelled.length + outcome.lost.length === 0) return Effect.void
+            harness.heartbeatsHeld++
+            return Deferred.await(held)
           }),
           Effect.ensuring(Effect.sync(() => void harness.heartbeatsEnded++))
         )
@@ -290,6 +293,25 @@ layer(TestLayer, { excludeTestServices: true })("RunWorker claims", (it) => {
       const lost = yield* counter("runlane_runs_lease_lost_total", q)
       const cancelled = yield* counter("runlane_runs_cancelled_while_claimed_total", q)
       assert.strictEqual(lost + cancelled, 1, `lost ${lost}, cancelled ${cancelled}`)
+    }).pipe(Effect.ensuring(Effect.sync(() => void (harness.heartbeatAnswers = undefined)))))
+
+  it.effect("a run swept away while its handler is stopped is counted lost by the release that finds it gone", () =>
+    Effect.gen(function*() {
+      const queue = yield* RunsQueue
+      const q = freshQueue("stopped-lost")
+      const { id } = yield* queue.send(runInput(q))
+      const worker = yield* startWorker({ queue: q, handler: () => Effect.never, pollIntervalMs: 600_000, stopTimeoutMs: 100 })
+      yield* eventually("claimed", Effect.map(readRun(id), (row) => row.status === "claimed"), 5_000)
+      // The lease runs out and a sweep takes the run back; the heartbeat that finds it gone is held, so
+      // only the release at stop can tell.
+      const heartbeatAnswers = yield* Deferred.make<void>()
+      harness.heartbeatAnswers = heartbeatAnswers
+      const heldBefore = harness.heartbeatsHeld
+      clock.advance(10_000)
+      assert.strictEqual((yield* queue.sweep).returned, 1)
+      yield* eventually("a heartbeat found the run gone", Effect.sync(() => harness.heartbeatsHeld > heldBefore), 5_000)
+      yield* worker.stop
+      assert.strictEqual(yield* counter("runlane_runs_lease_lost_total", q), 1)
     }).pipe(Effect.ensuring(Effect.sync(() => void (harness.heartbeatAnswers = undefined)))))
 
   it.effect("a finished run whose settle kept failing, swept and claimed again by this process: its lost lease is counted once", () =>
