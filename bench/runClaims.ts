@@ -14,8 +14,9 @@
  * Each side of each round starts from an emptied, freshly analyzed table holding the same runs, and the
  * side that goes first alternates, so neither side inherits the other's dead rows or index bloat.
  */
-import { Deferred, Effect, Exit, Scope } from "effect"
+import { Deferred, Effect, Exit, Layer, Redacted, Scope } from "effect"
 import postgres from "postgres"
+import { Database } from "../src/db/Database.ts"
 import { RunWorker } from "../src/runs/RunWorker.ts"
 import { type ClaimedRun, RunsQueue } from "../src/runs/RunsQueue.ts"
 import { largestLiteralLimit } from "../src/runs/sql/claimEligibility.ts"
@@ -126,21 +127,104 @@ const sideBySide = (
     return { lib: median(times[0]), hand: median(times[1]), ratio: median(ratios) }
   })
 
-export const claimBenchmarks = (raw: postgres.Sql): Effect.Effect<ReadonlyArray<BenchResult>, unknown, RunsQueue | RunWorker> =>
+/**
+ * Runs `measure` on a pool of `max` connections of its own, with RunsQueue and RunWorker built over it;
+ * both sides of a figure share it. The pool is sized to the figure's workers because postgres.js hands
+ * a loop's consecutive queries to different idle connections: on a pool of 20, one hand-written loop
+ * measured 1,300-1,750 runs/s and 325-405 us of server CPU per run, against 3,700 and 160 us on a pool
+ * of 1, so on one shared pool a figure depended on how many connections the figures before it had
+ * opened (the 1- and 4-loop baselines measured 2-4x slower after the 16-worker figures).
+ */
+const onPool = <A>(url: string, max: number, measure: (raw: postgres.Sql) => Effect.Effect<A, unknown, RunsQueue | RunWorker>) =>
+  Effect.gen(function*() {
+    const raw = yield* Effect.acquireRelease(
+      Effect.sync(() => postgres(url, { max, onnotice: () => {} })),
+      (sql) => Effect.promise(() => sql.end({ timeout: 5 }))
+    )
+    const layer = RunWorker.layer.pipe(
+      Layer.provideMerge(RunsQueue.layer),
+      Layer.provideMerge(Database.layerFromClient(raw, { url: Redacted.make(url), poolMax: max }))
+    )
+    // Local: a memo map shared with the rest of the bench would hand back another pool's services.
+    return yield* measure(raw).pipe(Effect.provide(layer, { local: true }))
+  }).pipe(Effect.scoped)
+
+export const claimBenchmarks = (url: string): Effect.Effect<ReadonlyArray<BenchResult>, unknown> =>
+  Effect.gen(function*() {
+    const results: Array<BenchResult> = []
+    for (const { loops, slots, workers } of workLoopConfigurations) {
+      results.push(yield* onPool(url, Math.max(loops, workers), (raw) => workLoopFigure(raw, loops, slots, workers)))
+    }
+    for (const { workers, claimBatch } of statementConfigurations) {
+      results.push(yield* onPool(url, workers, (raw) => statementsFigure(raw, workers, claimBatch)))
+    }
+    return results
+  })
+
+const fill = (raw: postgres.Sql, runs: number) =>
+  Effect.promise(async () => {
+    await raw`truncate runs, agent_transcript_snapshots`
+    await raw`
+      insert into runs (organization_id, queue, action_input)
+      select 'org-bench', ${queueName}, jsonb_build_object('n', g) from generate_series(1, ${runs}) g`
+    await raw`analyze runs`
+  })
+
+const handWritten = (raw: postgres.Sql, workers: number) =>
+  Effect.promise(async () => {
+    const start = now()
+    await Promise.all(Array.from({ length: workers }, (_, i) => handWrittenWorker(raw, `bench-${i}`)))
+    return now() - start
+  })
+
+/** The work loop: `loops` RunWorkers of `slots` against `workers` hand-written loops. */
+const workLoopFigure = (raw: postgres.Sql, loops: number, slots: number, workers: 1 | 4 | 16) =>
+  Effect.gen(function*() {
+    const runWorker = yield* RunWorker
+    const runs = runsPerRound[workers]
+    // Stopped once the handler has seen every run (stopping settles what is still to complete); answers
+    // the milliseconds it took.
+    const workLoops = Effect.gen(function*() {
+      const start = now()
+      const scope = yield* Scope.make()
+      const allSeen = yield* Deferred.make<void>()
+      let seen = 0
+      const handler = () => Effect.sync(() => void (++seen === runs && Deferred.doneUnsafe(allSeen, Effect.void)))
+      for (let i = 0; i < loops; i++) {
+        yield* runWorker.start({ queue: queueName, concurrency: slots, handler }).pipe(Scope.provide(scope))
+      }
+      const finished = yield* Deferred.await(allSeen).pipe(Effect.timeoutOption(roundDeadlineMs))
+      yield* Scope.close(scope, Exit.void)
+      if (finished._tag === "None") return yield* Effect.die(new Error(`the work loop saw ${seen} of ${runs} runs in ${roundDeadlineMs} ms`))
+      return now() - start
+    })
+    const everyRunCompleted = Effect.promise(() =>
+      raw<[{ n: number }]>`select count(*)::int as n from runs where queue = ${queueName} and status = 'completed'`
+    ).pipe(Effect.flatMap(([{ n }]) => n === runs ? Effect.void : Effect.die(new Error(`${n} of ${runs} runs completed`))))
+    const { lib, hand, ratio } = yield* sideBySide([workLoops, handWritten(raw, workers)], fill(raw, runs), everyRunCompleted)
+    yield* Effect.promise(() => raw`truncate runs, agent_transcript_snapshots`)
+    return {
+      name: loops === 1 && slots === workers
+        ? `work loop, 1 loop of ${slots} slots vs ${workers} loops`
+        : `work loop, ${loops} worker${loops === 1 ? "" : "s"} of ${slots} slots`,
+      value: (runs / lib) * 1000,
+      baseline: (runs / hand) * 1000,
+      unit: "runs/s",
+      ratio,
+      note: `RunWorker, no-op handler, vs ${workers} claim-one/complete loop${workers === 1 ? "" : "s"}; target ${
+        workers === 16 ? ">= 3.5" : workers === 4 ? ">= 2.5" : "-"
+      }`
+    } satisfies BenchResult
+  })
+
+/** RunsQueue's statements alone, driven by bare loops as the work loop would issue them. */
+const statementsFigure = (raw: postgres.Sql, workers: 1 | 4 | 16, claimBatch: number) =>
   Effect.gen(function*() {
     const queue = yield* RunsQueue
-    const runWorker = yield* RunWorker
-    const fill = (runs: number) => Effect.promise(async () => {
-      await raw`truncate runs, agent_transcript_snapshots`
-      await raw`
-        insert into runs (organization_id, queue, action_input)
-        select 'org-bench', ${queueName}, jsonb_build_object('n', g) from generate_series(1, ${runs}) g`
-      await raw`analyze runs`
-    })
     // As RunWorker does it: in batches of up to 16 each statement completes the runs the last one
     // claimed and claims the next batch (completeManyAndClaim; the last one completes and finds nothing
     // more); larger batches are claimed and completed in statements of their own.
-    const libraryWorker = (claimBatch: number) => Effect.gen(function*() {
+    const libraryWorker = Effect.gen(function*() {
       let finished: ReadonlyArray<ClaimedRun> = []
       for (;;) {
         const claimed = claimBatch <= largestLiteralLimit
@@ -150,74 +234,21 @@ export const claimBenchmarks = (raw: postgres.Sql): Effect.Effect<ReadonlyArray<
         finished = claimed
       }
     })
-    // The work loop: `loops` RunWorkers of `slots` over the runs, stopped once the handler has seen them
-    // all (stopping settles what is still to complete); answers the milliseconds it took.
-    const workLoops = (loops: number, slots: number, runs: number) =>
-      Effect.gen(function*() {
-        const start = now()
-        const scope = yield* Scope.make()
-        const allSeen = yield* Deferred.make<void>()
-        let seen = 0
-        const handler = () => Effect.sync(() => void (++seen === runs && Deferred.doneUnsafe(allSeen, Effect.void)))
-        for (let i = 0; i < loops; i++) {
-          yield* runWorker.start({ queue: queueName, concurrency: slots, handler }).pipe(Scope.provide(scope))
-        }
-        const finished = yield* Deferred.await(allSeen).pipe(Effect.timeoutOption(roundDeadlineMs))
-        yield* Scope.close(scope, Exit.void)
-        if (finished._tag === "None") return yield* Effect.die(new Error(`the work loop saw ${seen} of ${runs} runs in ${roundDeadlineMs} ms`))
-        return now() - start
-      })
-    const completedRuns = Effect.promise(() =>
-      raw<[{ n: number }]>`select count(*)::int as n from runs where queue = ${queueName} and status = 'completed'`
-    ).pipe(Effect.map(([row]) => row.n))
-    const handWritten = (workers: number) =>
-      Effect.promise(async () => {
-        const start = now()
-        await Promise.all(Array.from({ length: workers }, (_, i) => handWrittenWorker(raw, `bench-${i}`)))
-        return now() - start
-      })
-
-    const results: Array<BenchResult> = []
-    for (const { loops, slots, workers } of workLoopConfigurations) {
-      const runs = runsPerRound[workers]
-      const sides = [workLoops(loops, slots, runs), handWritten(workers)] as const
-      const { lib, hand, ratio } = yield* sideBySide(sides, fill(runs), completedRuns.pipe(
-        Effect.flatMap((n) => n === runs ? Effect.void : Effect.die(new Error(`${n} of ${runs} runs completed`)))
-      ))
-      results.push({
-        name: loops === 1 && slots === workers
-          ? `work loop, 1 loop of ${slots} slots vs ${workers} loops`
-          : `work loop, ${loops} worker${loops === 1 ? "" : "s"} of ${slots} slots`,
-        value: (runs / lib) * 1000,
-        baseline: (runs / hand) * 1000,
-        unit: "runs/s",
-        ratio,
-        note: `RunWorker, no-op handler, vs ${workers} claim-one/complete loop${workers === 1 ? "" : "s"}; target ${
-          workers === 16 ? ">= 3.5" : workers === 4 ? ">= 2.5" : "-"
-        }`
-      })
-    }
-    for (const { workers, claimBatch } of statementConfigurations) {
-      const runs = runsPerRound[workers]
-      const sides = [
-        Effect.gen(function*() {
-          const start = now()
-          yield* Effect.all(Array.from({ length: workers }, () => libraryWorker(claimBatch)), { concurrency: "unbounded" })
-          return now() - start
-        }),
-        handWritten(workers)
-      ] as const
-      const { lib, hand, ratio } = yield* sideBySide(sides, fill(runs), Effect.void)
-      results.push({
-        name: `statements, ${workers} worker${workers === 1 ? "" : "s"}, claim ${claimBatch}`,
-        value: (runs / lib) * 1000,
-        baseline: (runs / hand) * 1000,
-        unit: "runs/s",
-        ratio,
-        note: `statements alone: ${claimBatch <= largestLiteralLimit ? "completeManyAndClaim" : "claim + completeMany"} of ${claimBatch} per worker vs claim-one/complete loop`
-      })
-    }
+    const runs = runsPerRound[workers]
+    const libraryWorkers = Effect.gen(function*() {
+      const start = now()
+      yield* Effect.all(Array.from({ length: workers }, () => libraryWorker), { concurrency: "unbounded" })
+      return now() - start
+    })
+    const { lib, hand, ratio } = yield* sideBySide([libraryWorkers, handWritten(raw, workers)], fill(raw, runs), Effect.void)
     // Leave the table as the figures after this one expect it: without runs lacking a conversation.
     yield* Effect.promise(() => raw`truncate runs, agent_transcript_snapshots`)
-    return results
+    return {
+      name: `statements, ${workers} worker${workers === 1 ? "" : "s"}, claim ${claimBatch}`,
+      value: (runs / lib) * 1000,
+      baseline: (runs / hand) * 1000,
+      unit: "runs/s",
+      ratio,
+      note: `statements alone: ${claimBatch <= largestLiteralLimit ? "completeManyAndClaim" : "claim + completeMany"} of ${claimBatch} per worker vs claim-one/complete loop`
+    } satisfies BenchResult
   })

@@ -8,7 +8,6 @@ import { Database } from "../src/db/Database.ts"
 import { RunOwnership } from "../src/ownership/RunOwnership.ts"
 import type { SendRunInput } from "../src/runs/runInput.ts"
 import { RunsQueue } from "../src/runs/RunsQueue.ts"
-import { RunWorker } from "../src/runs/RunWorker.ts"
 import { conversationDispatchBenchmarks } from "./conversationDispatch.ts"
 import { type BenchResult, median, now, time } from "./harness.ts"
 import { claimBenchmarks } from "./runClaims.ts"
@@ -21,11 +20,8 @@ const input: SendRunInput = {
   payload: { messageText: "hello there", platform: "telegram", channelId: "6570514069", attempt: 1 }
 }
 
-/**
- * The pool both sides share: the dispatch figures run up to 16 workers, each with its own connection,
- * and the work loop's LISTEN connection besides.
- */
-const poolMax = 20
+/** The pool both sides share: the dispatch figures run up to 16 workers, each with its own connection. */
+const poolMax = 16
 
 /** Runs in the big table for the verify figures (the reference's "multi-million-row" fear, scaled to CI). */
 const bigTableRows = 1_000_000
@@ -170,7 +166,7 @@ export const runsBenchmarks = (url: string): Effect.Effect<ReadonlyArray<BenchRe
       (sql) => Effect.promise(() => sql.end({ timeout: 5 }))
     )
     return yield* sharedPoolBenchmarks(url, raw).pipe(
-      Effect.provide(Layer.mergeAll(RunWorker.layer.pipe(Layer.provideMerge(RunsQueue.layer)), RunOwnership.layer).pipe(
+      Effect.provide(Layer.mergeAll(RunsQueue.layer, RunOwnership.layer).pipe(
         Layer.provideMerge(Database.layerFromClient(raw, { url: Redacted.make(url), poolMax }))
       ))
     )
@@ -183,7 +179,7 @@ const sharedPoolBenchmarks = (url: string, raw: postgres.Sql) =>
     const database = yield* Database
     const results: Array<BenchResult> = [...yield* insertBenchmarks(url)]
 
-    results.push(...yield* claimBenchmarks(raw))
+    results.push(...yield* claimBenchmarks(url))
     results.push(...yield* conversationDispatchBenchmarks(url, raw))
 
     // verify on a big table.
