@@ -19,6 +19,8 @@ let claims = 0
 let completeFaults = 0
 /** Statements that completed runs: with a claim, and alone. */
 const completing = { withClaim: 0, alone: 0 }
+/** Claim statements in flight now and at most, and the largest limit one was sent with. */
+const claimStatements = { inFlight: 0, mostInFlight: 0, largestLimit: 0 }
 const CountingQueue = Layer.effect(
   RunsQueue,
   Effect.gen(function*() {
@@ -30,7 +32,11 @@ const CountingQueue = Layer.effect(
         Effect.suspend(() => {
           if (options.limit > 0) claims++
           if (runs.length > 0) completing.withClaim++
-          if (completeFaults === 0 || runs.length === 0) return queue.completeManyAndClaim(runs, q, options)
+          claimStatements.mostInFlight = Math.max(claimStatements.mostInFlight, ++claimStatements.inFlight)
+          claimStatements.largestLimit = Math.max(claimStatements.largestLimit, options.limit)
+          const ended = Effect.sync(() => void claimStatements.inFlight--)
+          if (completeFaults === 0 || runs.length === 0) return Effect.ensuring(queue.completeManyAndClaim(runs, q, options), ended)
+          Effect.runSync(ended)
           completeFaults--
           return Effect.fail(new DatabaseError({ operation: "RunsQueue.completeManyAndClaim", message: "injected", retryable: true, cause: null }))
         }),
@@ -145,10 +151,10 @@ layer(TestLayer, { excludeTestServices: true })("RunWorker", (it) => {
       assert.isAtLeast(sample("runlane_run_start_latency_seconds_sum", "")!, 0)
     }))
 
-  it.effect("completions ride with the claim in a worker of 4 slots; 20 finishing together are settled in their own statement", () =>
+  it.effect("completions ride with the claim in a worker of 4 slots; 40 finishing together are settled in their own statement", () =>
     Effect.gen(function*() {
       const queue = yield* RunsQueue
-      for (const [concurrency, together] of [[4, true], [20, false]] as const) {
+      for (const [concurrency, together] of [[4, true], [40, false]] as const) {
         const q = freshQueue(`completing-${concurrency}`)
         yield* queue.sendMany(Array.from({ length: 60 }, () => runInput(q)))
         completing.withClaim = 0
@@ -156,10 +162,38 @@ layer(TestLayer, { excludeTestServices: true })("RunWorker", (it) => {
         const worker = yield* startWorker({ queue: q, concurrency, handler: () => Effect.void })
         yield* eventually("all completed", Effect.map(statuses(q), (s) => s["completed"] === 60), 10_000)
         yield* worker.stop
-        // Four slots: every completion rides with a claim. Twenty: twenty runs finishing together are
-        // more than 16 to complete, so at least those are settled apart (a few may still ride along).
+        // Four slots: every completion rides with a claim. Forty (two lanes of twenty): twenty runs
+        // finishing together are more than 16 to complete, so at least those are settled apart (a few
+        // may still ride along).
         if (together) assert.deepStrictEqual(completing, { withClaim: completing.withClaim, alone: 0 }, `concurrency ${concurrency}`)
         assert.isAbove(together ? completing.withClaim : completing.alone, 0, `concurrency ${concurrency}`)
+      }
+    }))
+
+  it.effect("a loop of 16 slots keeps two claim statements of at most 8 runs in flight, one of 10 slots one statement; every run once", () =>
+    Effect.gen(function*() {
+      const queue = yield* RunsQueue
+      for (const [concurrency, statements, largest] of [[16, 2, 8], [10, 1, 10]] as const) {
+        const q = freshQueue(`lanes-${concurrency}`)
+        yield* queue.sendMany(Array.from({ length: 400 }, () => runInput(q)))
+        Object.assign(claimStatements, { inFlight: 0, mostInFlight: 0, largestLimit: 0 })
+        const counts = { calls: 0, running: 0, mostRunning: 0 }
+        const worker = yield* startWorker({
+          queue: q,
+          concurrency,
+          handler: () =>
+            Effect.sync(() => {
+              counts.calls++
+              counts.mostRunning = Math.max(counts.mostRunning, ++counts.running)
+            }).pipe(Effect.andThen(Effect.yieldNow), Effect.ensuring(Effect.sync(() => void counts.running--)))
+        })
+        yield* eventually("all completed", Effect.map(statuses(q), (s) => s["completed"] === 400), 20_000)
+        yield* worker.stop
+        assert.deepStrictEqual(
+          { ...claimStatements, calls: counts.calls, atMostSlots: counts.mostRunning <= concurrency },
+          { inFlight: 0, mostInFlight: statements, largestLimit: largest, calls: 400, atMostSlots: true },
+          `concurrency ${concurrency}`
+        )
       }
     }))
 
