@@ -297,7 +297,13 @@ export class RunWorker extends Context.Service<RunWorker, {
            */
           // Uninterruptible: a batch taken from `pending` is settled or put back, never dropped.
           const flush = Effect.uninterruptible(Effect.gen(function*() {
-            const batch = pending.splice(0)
+            // Not a settle of a claim the run has since been claimed again by: it would match nothing, and
+            // beside the new claim's settle (a failed statement puts its batch back after the new claim
+            // dropped the queued ones) the run's answer would count for both.
+            const batch = pending.splice(0).filter(({ claim }) => {
+              const current = claims.get(claim.run.id)
+              return current === undefined || current === claim
+            })
             if (batch.length === 0) return
             const of = <T extends Settle["_tag"]>(tag: T) => batch.filter((s): s is Extract<Settle, { _tag: T }> => s._tag === tag)
             const completes = of("Complete")

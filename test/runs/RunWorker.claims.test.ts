@@ -30,7 +30,10 @@ const harness = {
   heartbeatsEnded: 0,
   heartbeatAnswers: undefined as Deferred.Deferred<void> | undefined,
   heartbeatsHeld: 0,
-  completionsAnswered: 0
+  completionsAnswered: 0,
+  /** When set, the next completeMany failed by failCompletes waits for it first (then it is unset). */
+  failingCompleteHeld: undefined as Deferred.Deferred<void> | undefined,
+  completingClaimsFailed: 0
 }
 const clock = movableClock()
 
@@ -45,12 +48,20 @@ const HarnessQueue = Layer.effect(RunsQueue, Effect.gen(function*() {
         return Effect.fail(new DatabaseError({ operation: "RunsQueue.release", message: "injected: connection reset after commit", retryable: true, cause: null }))
       }),
     completeMany: (runs) =>
-      runs.length > 0 && harness.failCompletes
-        ? Effect.fail(new DatabaseError({ operation: "RunsQueue.complete", message: "injected", retryable: true, cause: null }))
-        : real.completeMany(runs),
+      Effect.suspend(() => {
+        if (runs.length === 0 || !harness.failCompletes) return real.completeMany(runs)
+        const held = harness.failingCompleteHeld
+        harness.failingCompleteHeld = undefined
+        return Effect.andThen(
+          held === undefined ? Effect.void : Deferred.await(held),
+          Effect.fail(new DatabaseError({ operation: "RunsQueue.complete", message: "injected", retryable: true, cause: null }))
+        )
+      }),
     completeManyAndClaim: (runs, q, options) =>
       runs.length > 0 && (harness.failCompletes || harness.failCompletingClaims)
-        ? Effect.fail(new DatabaseError({ operation: "RunsQueue.completeManyAndClaim", message: "injected", retryable: true, cause: null }))
+        ? Effect.sync(() => void harness.completingClaimsFailed++).pipe(
+          Effect.andThen(Effect.fail(new DatabaseError({ operation: "RunsQueue.completeManyAndClaim", message: "injected", retryable: true, cause: null })))
+        )
         : real.completeManyAndClaim(runs, q, options).pipe(
           Effect.tap(() => Effect.sync(() => void (runs.length > 0 && harness.completionsAnswered++)))
         ),
@@ -333,6 +344,37 @@ layer(TestLayer, { excludeTestServices: true })("RunWorker claims", (it) => {
       yield* worker.stop
       assert.deepStrictEqual({ calls, lost: yield* counter("runlane_runs_lease_lost_total", q) }, { calls: 2, lost: 1 })
     }).pipe(Effect.ensuring(Effect.sync(() => void (harness.failCompletes = false)))))
+
+  it.effect("a stale claim's completion put back by a failed settle beside the new claim's: the run is counted completed once and lost once", () =>
+    Effect.gen(function*() {
+      const queue = yield* RunsQueue
+      const q = freshQueue("stale-put-back")
+      const { id } = yield* queue.send(runInput(q))
+      let calls = 0
+      harness.failCompletes = true
+      const held = yield* Deferred.make<void>()
+      harness.failingCompleteHeld = held
+      const worker = yield* startWorker({ queue: q, pollIntervalMs: 50, handler: () => Effect.sync(() => void calls++) })
+      // The first claim's completion is in the settler's statement, held, when the run is swept and
+      // claimed again: it is not among the queued settles a new claim drops.
+      yield* eventually("the first completion held", Effect.sync(() => calls === 1 && harness.failingCompleteHeld === undefined), 5_000)
+      clock.advance(10_000)
+      assert.strictEqual((yield* queue.sweep).returned, 1)
+      const failedBefore = harness.completingClaimsFailed
+      yield* eventually("the second claim's completion queued", Effect.sync(() => calls === 2 && harness.completingClaimsFailed > failedBefore), 5_000)
+      // The held statement fails and its batch is put back, beside the second claim's completion.
+      harness.failCompletes = false
+      yield* Deferred.succeed(held, undefined)
+      yield* eventually("completed", Effect.map(readRun(id), (row) => row.status === "completed"), 10_000)
+      yield* worker.stop
+      assert.deepStrictEqual(
+        { calls, completed: yield* counter("runlane_runs_completed_total", q), lost: yield* counter("runlane_runs_lease_lost_total", q) },
+        { calls: 2, completed: 1, lost: 1 }
+      )
+    }).pipe(Effect.ensuring(Effect.sync(() => {
+      harness.failCompletes = false
+      harness.failingCompleteHeld = undefined
+    }))))
 
   it.effect("a stale handler slow to end (found lost by a heartbeat) finishes before the run's new claim starts its handler", () =>
     Effect.gen(function*() {
