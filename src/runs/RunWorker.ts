@@ -223,9 +223,14 @@ export class RunWorker extends Context.Service<RunWorker, {
 
           const metrics = dispatchMetricsFor(options.queue)
           const scope = yield* Scope.make()
-          const signal = yield* Queue.sliding<void>(1)
+          // A loop of 16 slots or more has two claim lanes (see `lane`), each waiting on its own signal:
+          // a wake-up taken by a lane that finds no slot free must not be lost to the other.
+          const lanes = concurrency >= 2 * slotsPerLaneAtLeast ? 2 : 1
+          const signals = yield* Effect.forEach(Array.from({ length: lanes }), () => Queue.sliding<void>(1))
           const settleSignal = yield* Queue.sliding<void>(1)
-          const wake = () => void Queue.offerUnsafe(signal, undefined)
+          const wake = () => {
+            for (const signal of signals) Queue.offerUnsafe(signal, undefined)
+          }
           // This worker's claims by run id, from the claim until their settle commits: the slots in use.
           const claims = new Map<number, Claim>()
           // Handler fibers by run id, until each has ended: a claim of a run waits for every earlier one.
@@ -457,20 +462,20 @@ export class RunWorker extends Context.Service<RunWorker, {
           // Claim statements in flight: the slots each may fill, taken from the free ones when it was sent
           // and given back as its runs take their slots (or at once when it fails).
           let reserved = 0
-          const lanes = concurrency >= 2 * slotsPerLaneAtLeast ? 2 : 1
           const slotsPerLane = Math.ceil(concurrency / lanes)
 
           /**
            * One claim lane. A loop of 16 slots or more runs two, each sending its own statement, sized to
            * the slots free when it is sent and at most half of them: while the server runs one, Node
            * runs the other's handlers and takes their completions. Free slots are the ones neither in use
-           * nor reserved by the other lane's statement; a run whose completion rides with a statement in
-           * flight (`completing`) frees its slot to that statement, so it is not counted twice.
+           * nor reserved by the other lane's statement. A statement in flight holds the slots of the runs
+           * it completes (`completing`: they stay claimed until it commits) or of the runs it may claim,
+           * whichever are more, so the runs claimed in the database never outnumber the slots either.
            * Measured with one loop of 16 slots and a no-op handler on the embedded server: 6,200-6,750
            * runs/s against 5,100-5,580 with one lane (batches of 8 cost the server ~130 us per run
            * against ~95 in batches of 16, but Node and the server work at once).
            */
-          const lane = Effect.gen(function*() {
+          const lane = (signal: Queue.Queue<void>) => Effect.gen(function*() {
             while (!stopping) {
               // Finished runs ride with the claim: their slots count as free, and one statement settles
               // them and fills the slots (RunsQueue.completeManyAndClaim). Only while both fit the plans
@@ -489,8 +494,10 @@ export class RunWorker extends Context.Service<RunWorker, {
               const limit = together ? withFreed : Math.min(concurrency - inUse, slotsPerLane)
               let claimed = 0
               if (limit > 0) {
+                // The slots this statement holds until its answer has been read: see above.
+                const held = together ? Math.max(limit, current.length) : limit
                 for (const settle of current) if (together) settle.claim.completing = true
-                reserved += limit
+                reserved += held
                 // Uninterruptible: a claim whose answer were dropped would leave its runs claimed until
                 // their lease ran out. Stopping waits for it and handles what it claimed. A statement that
                 // failed settled nothing: its completions go to the settler, whose own statement does not
@@ -500,7 +507,7 @@ export class RunWorker extends Context.Service<RunWorker, {
                 ).pipe(
                   Effect.catch((error) =>
                     Effect.sync(() => {
-                      reserved -= limit
+                      reserved -= held
                       for (const settle of completes) settle.claim.completing = false
                       settleApart(completes)
                     }).pipe(
@@ -514,11 +521,12 @@ export class RunWorker extends Context.Service<RunWorker, {
                   yield* completesSettled(completes, answer.completed)
                   const runs = answer.claimed
                   yield* metrics.claimed(runs.length)
+                  // Each slot is handed over once its run has taken it, never left counted by neither.
                   for (const run of runs) {
-                    reserved--
                     yield* startClaim(run)
+                    reserved--
                   }
-                  reserved -= limit - runs.length
+                  reserved -= held - runs.length
                   claimed = runs.length
                 }
               }
@@ -574,7 +582,6 @@ export class RunWorker extends Context.Service<RunWorker, {
               })
             })
 
-          const producer = Effect.all(Array.from({ length: lanes }, () => lane), { concurrency: "unbounded", discard: true })
 
           const settler = Effect.forever(Queue.take(settleSignal).pipe(Effect.andThen(flush)))
 
@@ -608,7 +615,9 @@ export class RunWorker extends Context.Service<RunWorker, {
           const registered = wakers.get(options.queue) ?? new Set()
           registered.add(wake)
           wakers.set(options.queue, registered)
-          const producerFiber = yield* Effect.forkIn(producer, scope)
+          // Forked apart, not joined with Effect.all: a lane that died must not interrupt the other
+          // between its statement's answer and the handlers of the runs it claimed.
+          const laneFibers = yield* Effect.forEach(signals, (signal) => Effect.forkIn(lane(signal), scope))
           const settlerFiber = yield* Effect.forkIn(settler, scope)
           const heartbeatFiber = yield* Effect.forkIn(heartbeat, scope)
 
@@ -616,7 +625,7 @@ export class RunWorker extends Context.Service<RunWorker, {
             stopping = true
             registered.delete(wake)
             wake()
-            yield* Fiber.join(producerFiber).pipe(Effect.ignore)
+            yield* Effect.forEach(laneFibers, (fiber) => Fiber.join(fiber).pipe(Effect.ignore), { discard: true })
             // Completions the producer did not take: settled like every other settle from now on.
             settleApart(completesForClaim.splice(0))
             drained = yield* Deferred.make<void>()

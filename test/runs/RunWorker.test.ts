@@ -1,5 +1,5 @@
 import { assert, layer } from "@effect/vitest"
-import { Effect, Layer } from "effect"
+import { Deferred, Effect, Layer } from "effect"
 import { PrometheusMetrics } from "effect/observability"
 import { Database } from "../../src/db/Database.ts"
 import { DatabaseError } from "../../src/db/DatabaseError.ts"
@@ -21,6 +21,11 @@ let completeFaults = 0
 const completing = { withClaim: 0, alone: 0 }
 /** Claim statements in flight now and at most, and the largest limit one was sent with. */
 const claimStatements = { inFlight: 0, mostInFlight: 0, largestLimit: 0 }
+/**
+ * When set, the next claim statement that completes more runs than it may claim waits for it before
+ * its SQL (then it is unset), and `held` counts the statements that reached it.
+ */
+const completingHold = { gate: undefined as Deferred.Deferred<void> | undefined, held: 0 }
 const CountingQueue = Layer.effect(
   RunsQueue,
   Effect.gen(function*() {
@@ -35,6 +40,12 @@ const CountingQueue = Layer.effect(
           claimStatements.mostInFlight = Math.max(claimStatements.mostInFlight, ++claimStatements.inFlight)
           claimStatements.largestLimit = Math.max(claimStatements.largestLimit, options.limit)
           const ended = Effect.sync(() => void claimStatements.inFlight--)
+          const gate = runs.length > options.limit ? completingHold.gate : undefined
+          if (gate !== undefined) {
+            completingHold.gate = undefined
+            completingHold.held++
+            return Effect.ensuring(Effect.andThen(Deferred.await(gate), queue.completeManyAndClaim(runs, q, options)), ended)
+          }
           if (completeFaults === 0 || runs.length === 0) return Effect.ensuring(queue.completeManyAndClaim(runs, q, options), ended)
           Effect.runSync(ended)
           completeFaults--
@@ -195,6 +206,58 @@ layer(TestLayer, { excludeTestServices: true })("RunWorker", (it) => {
           `concurrency ${concurrency}`
         )
       }
+    }))
+
+  it.effect("stopping a loop of 16 slots with nothing to claim does not wait for a poll: each lane is woken", () =>
+    Effect.gen(function*() {
+      const q = freshQueue("lanes-stop")
+      const before = claims
+      const worker = yield* startWorker({ queue: q, concurrency: 16, pollIntervalMs: 60_000, handler: () => Effect.void })
+      yield* eventually("both lanes claimed once", Effect.sync(() => claims >= before + 2), 5_000)
+      const started = Date.now()
+      yield* worker.stop
+      assert.isBelow(Date.now() - started, 5_000, "stopped within 5 s, not the 60 s poll")
+    }))
+
+  it.effect("a loop of 16 slots never has more runs claimed than slots: a statement completing 16 holds their slots until it commits", () =>
+    Effect.gen(function*() {
+      const queue = yield* RunsQueue
+      const q = freshQueue("lanes-held")
+      const latch = yield* Deferred.make<void>()
+      const secondLatch = yield* Deferred.make<void>()
+      const claimedNow = Effect.map(statuses(q), (s) => s["claimed"] ?? 0)
+      yield* queue.sendMany(Array.from({ length: 16 }, () => runInput(q)))
+      let running = 0
+      const worker = yield* startWorker({
+        queue: q,
+        concurrency: 16,
+        pollIntervalMs: 500,
+        handler: ({ run }: RunHandlerInput) =>
+          Effect.sync(() => void running++).pipe(
+            Effect.andThen(Deferred.await(run.payload["kind"] === "second" ? secondLatch : latch)),
+            Effect.ensuring(Effect.sync(() => void running--))
+          )
+      })
+      yield* eventually("16 handlers running", Effect.sync(() => running === 16), 5_000)
+      // The 16 end together; one lane completes them and may claim 8: its statement is held.
+      const gate = yield* Deferred.make<void>()
+      completingHold.gate = gate
+      const heldBefore = completingHold.held
+      yield* Deferred.succeed(latch, undefined)
+      yield* eventually("the completing statement held", Effect.sync(() => completingHold.held > heldBefore), 5_000)
+      // New runs (whose handlers wait) wake the other lane: it must find no slot free while the 16 are
+      // still claimed. Polled for 2 s: the other lane claims within milliseconds if it does.
+      yield* queue.sendMany(Array.from({ length: 16 }, () => runInput(q, { payload: { kind: "second" } })))
+      let mostClaimed = 0
+      for (let poll = 0; poll < 40; poll++) {
+        mostClaimed = Math.max(mostClaimed, yield* claimedNow)
+        yield* Effect.sleep(50)
+      }
+      yield* Deferred.succeed(gate, undefined)
+      yield* Deferred.succeed(secondLatch, undefined)
+      yield* eventually("all completed", Effect.map(statuses(q), (s) => s["completed"] === 32), 10_000)
+      yield* worker.stop
+      assert.strictEqual(mostClaimed, 16, "runs claimed while the completing statement was held")
     }))
 
   it.effect("a settle the database refused is retried until the runs are completed", () =>
