@@ -5,9 +5,8 @@
  * Modes, each entered only from the one before:
  * - running: the producer claims in batches sized to its free slots (never more runs than slots), then
  *   waits for a NOTIFY of its queue, a freed slot or the poll interval, whichever comes first; it never
- *   claims again without one of them, so it cannot spin. A loop of 16 slots or more has two claim
- *   lanes, each with a statement of at most half the slots in flight (see `lane`). Finished handlers'
- *   settles are flushed in batches: whatever finished while the previous flush ran goes in the next one.
+ *   claims again without one of them, so it cannot spin. Finished handlers' settles are flushed in
+ *   batches: whatever finished while the previous flush ran goes in the next one.
  * - stopping (the scope closes): the producer claims nothing new and ends; running handlers get
  *   `stopTimeoutMs` to finish; the rest are interrupted and their runs released; the last settles are
  *   flushed.
@@ -97,8 +96,6 @@ interface Claim {
   reason: InterruptReason | undefined
   /** Its settle is queued or running: the settle, not the heartbeat, reports it lost. */
   settling: boolean
-  /** Its completion rides with a claim statement in flight, which counted its slot as free. */
-  completing: boolean
   /**
    * Its loss or cancellation has been counted in the metrics. A settle and a heartbeat can both find
    * the run gone (a heartbeat applies a cancellation while the completion is queued, and either answer
@@ -117,14 +114,6 @@ type Settle =
 
 /** Completions and free slots up to this are settled and claimed in one statement (see the producer). */
 const largestCombinedBatch = largestLiteralLimit
-
-/**
- * A loop has two claim lanes when each gets at least this many slots (loops of 16 or more). Below it
- * the second statement costs more than it overlaps: what a claim statement costs whatever its size
- * (~400 us of server CPU and ~280 us of Node per statement against ~30 and ~50 per run, measured with
- * 16 workers on the embedded server) is spread over half as many runs.
- */
-const slotsPerLaneAtLeast = 8
 
 /** The worker's own answer for a run whose conversation it could not take: deferred, no attempt spent. */
 class SeatRefused {
@@ -223,14 +212,9 @@ export class RunWorker extends Context.Service<RunWorker, {
 
           const metrics = dispatchMetricsFor(options.queue)
           const scope = yield* Scope.make()
-          // A loop of 16 slots or more has two claim lanes (see `lane`), each waiting on its own signal:
-          // a wake-up taken by a lane that finds no slot free must not be lost to the other.
-          const lanes = concurrency >= 2 * slotsPerLaneAtLeast ? 2 : 1
-          const signals = yield* Effect.forEach(Array.from({ length: lanes }), () => Queue.sliding<void>(1))
+          const signal = yield* Queue.sliding<void>(1)
           const settleSignal = yield* Queue.sliding<void>(1)
-          const wake = () => {
-            for (const signal of signals) Queue.offerUnsafe(signal, undefined)
-          }
+          const wake = () => void Queue.offerUnsafe(signal, undefined)
           // This worker's claims by run id, from the claim until their settle commits: the slots in use.
           const claims = new Map<number, Claim>()
           // Handler fibers by run id, until each has ended: a claim of a run waits for every earlier one.
@@ -459,23 +443,15 @@ export class RunWorker extends Context.Service<RunWorker, {
               return wait ? Fiber.interrupt(claim.fiber) : Effect.asVoid(Effect.forkIn(Fiber.interrupt(claim.fiber), scope))
             }, { discard: true })
 
-          // Claim statements in flight: the slots each may fill, taken from the free ones when it was sent
-          // and given back as its runs take their slots (or at once when it fails).
-          let reserved = 0
-          const slotsPerLane = Math.ceil(concurrency / lanes)
-
           /**
-           * One claim lane. A loop of 16 slots or more runs two, each sending its own statement, sized to
-           * the slots free when it is sent and at most half of them: while the server runs one, Node
-           * runs the other's handlers and takes their completions. Free slots are the ones neither in use
-           * nor reserved by the other lane's statement. A statement in flight holds the slots of the runs
-           * it completes (`completing`: they stay claimed until it commits) or of the runs it may claim,
-           * whichever are more, so the runs claimed in the database never outnumber the slots either.
-           * Measured with one loop of 16 slots and a no-op handler on the embedded server: 6,200-6,750
-           * runs/s against 5,100-5,580 with one lane (batches of 8 cost the server ~130 us per run
-           * against ~95 in batches of 16, but Node and the server work at once).
+           * One claim statement at a time per loop. Two lanes, each with a statement of half the slots in
+           * flight, were built and measured (one loop of 16 slots, no-op handler, embedded server): on a
+           * pool of 2, 6,000-6,750 runs/s against 5,100-5,580; on a pool of 16, as the bench and a
+           * service's shared pool give it, 3,900-4,100 against 5,500-5,900, with 160 us of server CPU per
+           * run against 90. postgres.js hands each statement to its least recently used idle connection,
+           * so the lanes' statements ran on cold backends, and their claims skipped each other's locks.
            */
-          const lane = (signal: Queue.Queue<void>) => Effect.gen(function*() {
+          const producer = Effect.gen(function*() {
             while (!stopping) {
               // Finished runs ride with the claim: their slots count as free, and one statement settles
               // them and fills the slots (RunsQueue.completeManyAndClaim). Only while both fit the plans
@@ -483,105 +459,79 @@ export class RunWorker extends Context.Service<RunWorker, {
               // and a completeMany in batches of 16, and 15% slower in batches of 50, where the settler's
               // own statement takes them.
               const taken = completesForClaim.splice(0)
-              const current = taken.filter((settle) => claims.get(settle.claim.run.id) === settle.claim)
-              let inUse = reserved
-              for (const claim of claims.values()) if (!claim.completing) inUse++
-              const withFreed = Math.min(concurrency - inUse + current.length, slotsPerLane)
-              const together = taken.length <= largestCombinedBatch && withFreed <= largestCombinedBatch
+              const freed = taken.filter((settle) => claims.get(settle.claim.run.id) === settle.claim).length
+              const together = taken.length <= largestCombinedBatch && concurrency - claims.size + freed <= largestCombinedBatch
               const completes = together ? taken : []
               if (!together) settleApart(taken)
-              // Settled apart, the finished runs keep their slots until the settler's statement commits.
-              const limit = together ? withFreed : Math.min(concurrency - inUse, slotsPerLane)
+              const free = concurrency - claims.size + (together ? freed : 0)
               let claimed = 0
-              if (limit > 0) {
-                // The slots this statement holds until its answer has been read: see above.
-                const held = together ? Math.max(limit, current.length) : limit
-                for (const settle of current) if (together) settle.claim.completing = true
-                reserved += held
+              if (free > 0) {
                 // Uninterruptible: a claim whose answer were dropped would leave its runs claimed until
                 // their lease ran out. Stopping waits for it and handles what it claimed. A statement that
                 // failed settled nothing: its completions go to the settler, whose own statement does not
                 // depend on the claim (a claim failing for its own reasons must not hold finished runs).
                 const answer = yield* Effect.uninterruptible(
-                  queue.completeManyAndClaim(completes.map((settle) => settle.claim.run), options.queue, { limit })
+                  queue.completeManyAndClaim(completes.map((settle) => settle.claim.run), options.queue, { limit: free })
                 ).pipe(
                   Effect.catch((error) =>
-                    Effect.sync(() => {
-                      reserved -= held
-                      for (const settle of completes) settle.claim.completing = false
-                      settleApart(completes)
-                    }).pipe(
-                      Effect.andThen(Effect.logWarning("Run claim failed", error)),
+                    Effect.logWarning("Run claim failed", error).pipe(
+                      Effect.andThen(Effect.sync(() => settleApart(completes))),
                       Effect.andThen(Effect.sleep(retryAfterErrorMs)),
                       Effect.as(undefined)
                     )
                   )
                 )
-                if (answer !== undefined) {
-                  yield* completesSettled(completes, answer.completed)
-                  const runs = answer.claimed
-                  yield* metrics.claimed(runs.length)
-                  // Each slot is handed over once its run has taken it, never left counted by neither.
-                  for (const run of runs) {
-                    yield* startClaim(run)
-                    reserved--
+                if (answer !== undefined) yield* completesSettled(completes, answer.completed)
+                const runs = answer?.claimed ?? []
+                yield* metrics.claimed(runs.length)
+                for (const run of runs) {
+                  // Claimed again by this process (its lease ran out and a sweep returned it): the old
+                  // handler is a stale claim's. It is interrupted, its queued settle dropped (it would
+                  // match nothing), and the new claim's handler starts only once it has ended.
+                  const stale = claims.get(run.id)
+                  if (stale !== undefined) {
+                    yield* Effect.logWarning("Run claimed again after its lease ran out; its earlier handler is interrupted", { runId: run.id })
+                    // Its loss is told here unless a heartbeat told it already: the settle that would
+                    // have reported it is dropped below, and the heartbeat beats the new claim only.
+                    if (stale.reason === undefined && !stale.counted) yield* metrics.lost(1)
+                    stale.counted = true
+                    yield* interrupt([stale], "lost", false)
+                    stale.reason = "lost"
+                    for (let i = pending.length - 1; i >= 0; i--) if (pending[i]!.claim === stale) pending.splice(i, 1)
+                    for (let i = completesForClaim.length - 1; i >= 0; i--) {
+                      if (completesForClaim[i]!.claim === stale) completesForClaim.splice(i, 1)
+                    }
                   }
-                  reserved -= held - runs.length
-                  claimed = runs.length
+                  // Every fiber of this run still running, whatever became of its claim (a claim that was
+                  // itself only waiting may have ended and left `claims`).
+                  const claim: Claim = {
+                    run,
+                    fiber: undefined,
+                    reason: undefined,
+                    settling: false,
+                    counted: false,
+                    after: [...(fibersOf.get(run.id) ?? [])]
+                  }
+                  // The slot is taken before the fork, so a handler that ends at once cannot free it first.
+                  claims.set(run.id, claim)
+                  const fiber = yield* Effect.forkIn(handle(claim), scope)
+                  if (claims.get(run.id) === claim) claim.fiber = fiber
+                  const running = fibersOf.get(run.id) ?? new Set()
+                  running.add(fiber)
+                  fibersOf.set(run.id, running)
+                  fiber.addObserver(() => {
+                    running.delete(fiber)
+                    if (running.size === 0 && fibersOf.get(run.id) === running) fibersOf.delete(run.id)
+                  })
                 }
+                claimed = runs.length
               }
-              // No free slot: only completions of stale claims, or of runs freed while the other lane's
-              // answer was being read, get here; settled apart.
-              if (limit <= 0 && together) settleApart(completes)
-              if (claimed > 0 && claimed === limit) continue
+              // No free slot: only completions of stale claims get here (they match nothing), settled apart.
+              if (free <= 0 && together) settleApart(completes)
+              if (claimed > 0 && claimed === free) continue
               yield* Queue.take(signal).pipe(Effect.timeoutOption(pollIntervalMs))
             }
           })
-
-          /** Takes a slot for a run just claimed and forks its handler. */
-          const startClaim = (run: ClaimedRun) =>
-            Effect.gen(function*() {
-              // Claimed again by this process (its lease ran out and a sweep returned it): the old
-              // handler is a stale claim's. It is interrupted, its queued settle dropped (it would
-              // match nothing), and the new claim's handler starts only once it has ended.
-              const stale = claims.get(run.id)
-              if (stale !== undefined) {
-                yield* Effect.logWarning("Run claimed again after its lease ran out; its earlier handler is interrupted", { runId: run.id })
-                // Its loss is told here unless a heartbeat told it already: the settle that would
-                // have reported it is dropped below, and the heartbeat beats the new claim only.
-                if (stale.reason === undefined && !stale.counted) yield* metrics.lost(1)
-                stale.counted = true
-                yield* interrupt([stale], "lost", false)
-                stale.reason = "lost"
-                for (let i = pending.length - 1; i >= 0; i--) if (pending[i]!.claim === stale) pending.splice(i, 1)
-                for (let i = completesForClaim.length - 1; i >= 0; i--) {
-                  if (completesForClaim[i]!.claim === stale) completesForClaim.splice(i, 1)
-                }
-              }
-              // Every fiber of this run still running, whatever became of its claim (a claim that was
-              // itself only waiting may have ended and left `claims`).
-              const claim: Claim = {
-                run,
-                fiber: undefined,
-                reason: undefined,
-                settling: false,
-                completing: false,
-                counted: false,
-                after: [...(fibersOf.get(run.id) ?? [])]
-              }
-              // The slot is taken before the fork, so a handler that ends at once cannot free it first.
-              claims.set(run.id, claim)
-              const fiber = yield* Effect.forkIn(handle(claim), scope)
-              if (claims.get(run.id) === claim) claim.fiber = fiber
-              const running = fibersOf.get(run.id) ?? new Set()
-              running.add(fiber)
-              fibersOf.set(run.id, running)
-              fiber.addObserver(() => {
-                running.delete(fiber)
-                if (running.size === 0 && fibersOf.get(run.id) === running) fibersOf.delete(run.id)
-              })
-            })
-
 
           const settler = Effect.forever(Queue.take(settleSignal).pipe(Effect.andThen(flush)))
 
@@ -615,9 +565,7 @@ export class RunWorker extends Context.Service<RunWorker, {
           const registered = wakers.get(options.queue) ?? new Set()
           registered.add(wake)
           wakers.set(options.queue, registered)
-          // Forked apart, not joined with Effect.all: a lane that died must not interrupt the other
-          // between its statement's answer and the handlers of the runs it claimed.
-          const laneFibers = yield* Effect.forEach(signals, (signal) => Effect.forkIn(lane(signal), scope))
+          const producerFiber = yield* Effect.forkIn(producer, scope)
           const settlerFiber = yield* Effect.forkIn(settler, scope)
           const heartbeatFiber = yield* Effect.forkIn(heartbeat, scope)
 
@@ -625,7 +573,7 @@ export class RunWorker extends Context.Service<RunWorker, {
             stopping = true
             registered.delete(wake)
             wake()
-            yield* Effect.forEach(laneFibers, (fiber) => Fiber.join(fiber).pipe(Effect.ignore), { discard: true })
+            yield* Fiber.join(producerFiber).pipe(Effect.ignore)
             // Completions the producer did not take: settled like every other settle from now on.
             settleApart(completesForClaim.splice(0))
             drained = yield* Deferred.make<void>()
