@@ -3,6 +3,11 @@
  * `Content-Length` over the limit is refused at once, and a body without one (chunked) is counted as
  * it arrives and refused as soon as it passes the limit. Either way the client gets its 413 while it
  * may still be sending.
+ *
+ * A declared length must be digits only (`Number` would take "1e3" or "0x10"), and the body read must
+ * be exactly that long. Node's HTTP parser holds a body to its declared length; a web fetch handler's
+ * Request does not (undici takes any Content-Length beside any body), so there the body is checked once
+ * read: refused over the limit or off its declared length, though it was read whole.
  */
 import { Effect, Stream } from "effect"
 import type { HttpServerRequest } from "effect/http/HttpServerRequest"
@@ -23,13 +28,16 @@ export const readBodyText = (
   const declared = request.headers["content-length"]
   if (declared !== undefined) {
     const length = Number(declared)
-    if (!Number.isSafeInteger(length) || length < 0) {
+    if (!/^[0-9]+$/.test(declared) || !Number.isSafeInteger(length)) {
       return Effect.fail(new BadRequest({ error: "Invalid Content-Length" }))
     }
     if (length > limitBytes) return Effect.fail(tooLarge(limitBytes))
-    if (length === 0) return Effect.succeed("")
-    // The HTTP parser delivers exactly the declared length, so reading it whole is bounded.
-    return Effect.flatMap(Effect.mapError(request.arrayBuffer, () => unreadable), decodeUtf8)
+    return Effect.flatMap(Effect.mapError(request.arrayBuffer, () => unreadable), (bytes) =>
+      bytes.byteLength > limitBytes
+        ? Effect.fail(tooLarge(limitBytes))
+        : bytes.byteLength !== length
+        ? Effect.fail(new BadRequest({ error: `The request body is ${bytes.byteLength} bytes, not its Content-Length of ${length}` }))
+        : decodeUtf8(bytes))
   }
   return Stream.runFoldEffect(
     request.stream,

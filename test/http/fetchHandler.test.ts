@@ -3,6 +3,7 @@ import postgres from "postgres"
 import { afterAll, assert, beforeAll, describe, it } from "vitest"
 import { Database } from "../../src/db/Database.ts"
 import { makeFetchHandler } from "../../src/http/server.ts"
+import { maxUploadBodyBytes } from "../../src/http/snapshotUpload.ts"
 import { createDatabase, dropDatabase, type TestDatabaseHandle } from "../support/testDatabase.ts"
 import { Migrator, readJournal } from "../../src/db/Migrator.ts"
 import { ConversationLocks } from "../../src/locks/ConversationLocks.ts"
@@ -31,6 +32,36 @@ describe("the routes as a web fetch handler", () => {
       assert.strictEqual(admin.status, 404)
       const unauthenticated = await handler(new Request("http://runlane.test/worker/transcript/snapshot"))
       assert.strictEqual(unauthenticated.status, 401)
+    } finally {
+      await dispose()
+    }
+  })
+})
+
+describe("a body held to its Content-Length, which a fetch handler's Request is not", () => {
+  it("refuses a declared length that is not digits, a body longer than the limit behind a small one, and one off its length", async () => {
+    const { handler, dispose } = makeFetchHandler(routeServicesLayer(), { adminToken: undefined })
+    try {
+      const token = await Effect.runPromise(forgeToken({ org: "o", agent: "a", conv: "c", run: 1 }))
+      const post = async (contentLength: string, body: string) => {
+        const response = await handler(new Request("http://runlane.test/worker/transcript/snapshot", {
+          method: "POST",
+          headers: { authorization: `Bearer ${token}`, "content-type": "application/json", "content-length": contentLength },
+          body
+        }))
+        return { status: response.status, body: await response.json() }
+      }
+      const json = JSON.stringify({ runId: 1, snapshotJsonl: "{}" })
+      assert.deepStrictEqual(await post("1e3", "x".repeat(1_000)), { status: 400, body: { error: "Invalid Content-Length" } })
+      assert.deepStrictEqual(await post("0x20", json), { status: 400, body: { error: "Invalid Content-Length" } })
+      assert.deepStrictEqual(await post("10", "x".repeat(maxUploadBodyBytes + 1)), {
+        status: 413,
+        body: { error: `Request body over the limit of ${maxUploadBodyBytes} bytes` }
+      })
+      assert.deepStrictEqual(await post(String(json.length + 5), json), {
+        status: 400,
+        body: { error: `The request body is ${json.length} bytes, not its Content-Length of ${json.length + 5}` }
+      })
     } finally {
       await dispose()
     }
