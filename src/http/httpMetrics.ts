@@ -3,7 +3,7 @@
  * effect/observability's Prometheus formatter. Labels are the route pattern, never the raw path, so a
  * client cannot grow the label set (a run id in the path would make one series per run).
  */
-import { Effect, Exit, Metric } from "effect"
+import { Cause, Effect, Exit, Metric } from "effect"
 import { HttpRouter } from "effect/http"
 import { HttpServerRequest } from "effect/http/HttpServerRequest"
 import type { HttpServerResponse } from "effect/http/HttpServerResponse"
@@ -53,6 +53,13 @@ const seriesOf = (method: string, route: string, status: number) => {
 }
 
 /**
+ * A request whose handler was interrupted: its client went away before the answer (the server
+ * interrupts the handler then), or the server stopped mid-request. Not a server error; 499 as nginx
+ * and Effect's own HTTP server log it.
+ */
+const clientClosedRequest = 499
+
+/**
  * Records a request once it has been answered. Both series are updated in one step on the fiber's
  * context, as `Metric.update` does for each (it is two effects apiece): this runs on every request.
  */
@@ -63,7 +70,11 @@ const recordHttpMetrics = <E, R>(
     const started = performance.now()
     return Effect.onExit(app, (exit) =>
       Effect.withFiber((fiber) => {
-        const status = Exit.isSuccess(exit) ? exit.value.status : 500
+        const status = Exit.isSuccess(exit)
+          ? exit.value.status
+          : Cause.hasInterruptsOnly(exit.cause)
+          ? clientClosedRequest
+          : 500
         const series = seriesOf(request.method, routeOf(request.url), status)
         series.count.updateUnsafe(1, fiber.context)
         series.latency.updateUnsafe((performance.now() - started) / 1000, fiber.context)

@@ -7,6 +7,7 @@ import { Database } from "../../src/db/Database.ts"
 import { ConversationLocks } from "../../src/locks/ConversationLocks.ts"
 import { WorkerTokens } from "../../src/ownership/WorkerTokens.ts"
 import { adminToken, call, runWithToken, TestServer, testServerLayer } from "../support/httpHarness.ts"
+import { eventually } from "../support/lockHarness.ts"
 
 const admin = { token: adminToken }
 
@@ -254,6 +255,41 @@ layer(testServerLayer(), { excludeTestServices: true })("the HTTP service", (it)
       assert.isBelow(chunked.chunksSent, chunksForLimit * 4)
       assert.strictEqual((yield* call("GET", "/worker/transcript/snapshot", { token })).status, 404)
       assert.isAbove(runId, 0)
+    }))
+
+  it.effect("an upload whose client goes away mid-body is counted as 499 (client closed request), not as a server error", () =>
+    Effect.gen(function*() {
+      const { port } = yield* TestServer
+      const { token } = yield* runWithToken({ organizationId: "o", agentId: "a", conversationId: "c-gone" })
+      const series = (status: number) =>
+        new RegExp(`^runlane_http_requests_total\\{method="POST",route="/worker/transcript/snapshot",status="${status}"\\} (\\d+)$`, "m")
+      const count = (text: string, status: number) => Number(series(status).exec(text)?.[1] ?? 0)
+      const before = (yield* call("GET", "/metrics")).text
+      yield* Effect.promise(() =>
+        new Promise<void>((resolve, reject) => {
+          const socket = connect(port, "127.0.0.1", () => {
+            socket.write(
+              `POST /worker/transcript/snapshot HTTP/1.1\r\nhost: x\r\nauthorization: Bearer ${token}\r\n` +
+                `content-type: application/json\r\ncontent-length: 100000\r\n\r\n{"runId":`,
+              () => setTimeout(() => (socket.destroy(), resolve()), 100)
+            )
+          })
+          socket.on("error", reject)
+        })
+      )
+      let after = before
+      yield* eventually(
+        "the abandoned upload counted",
+        Effect.map(call("GET", "/metrics"), (metrics) => {
+          after = metrics.text
+          return count(after, 499) + count(after, 500) > count(before, 499) + count(before, 500)
+        }),
+        5_000
+      )
+      assert.deepStrictEqual(
+        { clientClosed: count(after, 499) - count(before, 499), serverError: count(after, 500) - count(before, 500) },
+        { clientClosed: 1, serverError: 0 }
+      )
     }))
 
   it.effect("an unknown route is a JSON 404", () =>
