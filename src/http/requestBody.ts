@@ -12,6 +12,7 @@
 import { Effect, Stream } from "effect"
 import type { HttpServerRequest } from "effect/http/HttpServerRequest"
 import { BadRequest, PayloadTooLarge } from "./RunlaneApi.ts"
+import { type UploadBody, UploadBodiesBusy } from "./uploadBodies.ts"
 
 const tooLarge = (limitBytes: number) =>
   new PayloadTooLarge({ error: `Request body over the limit of ${limitBytes} bytes` })
@@ -21,10 +22,30 @@ const invalidJson = new BadRequest({ error: "Invalid JSON body" })
 
 const utf8 = new TextDecoder("utf-8", { fatal: true })
 
-export const readBodyText = (
+export const readBodyText = (request: HttpServerRequest, limitBytes: number): Effect.Effect<string, BadRequest | PayloadTooLarge> =>
+  readBody(request, limitBytes, undefined) as Effect.Effect<string, BadRequest | PayloadTooLarge>
+
+/**
+ * `readBodyText` with the bytes taken from an upload's share of the budget before they are read
+ * (uploadBodies.ts): the declared length at once, a chunked body chunk by chunk; refused with `busy`
+ * when they cannot be.
+ */
+export const readBodyTextWithin = (
   request: HttpServerRequest,
-  limitBytes: number
-): Effect.Effect<string, BadRequest | PayloadTooLarge> => {
+  limitBytes: number,
+  budget: { readonly body: UploadBody; readonly busy: UploadBodiesBusy }
+): Effect.Effect<string, BadRequest | PayloadTooLarge | UploadBodiesBusy> => readBody(request, limitBytes, budget)
+
+interface BodyRead {
+  readonly chunks: Array<Uint8Array>
+  bytes: number
+}
+
+const readBody = (
+  request: HttpServerRequest,
+  limitBytes: number,
+  budget: { readonly body: UploadBody; readonly busy: UploadBodiesBusy } | undefined
+): Effect.Effect<string, BadRequest | PayloadTooLarge | UploadBodiesBusy> => {
   const declared = request.headers["content-length"]
   if (declared !== undefined) {
     const length = Number(declared)
@@ -32,6 +53,7 @@ export const readBodyText = (
       return Effect.fail(new BadRequest({ error: "Invalid Content-Length" }))
     }
     if (length > limitBytes) return Effect.fail(tooLarge(limitBytes))
+    if (budget !== undefined && !budget.body.take(length)) return Effect.fail(budget.busy)
     return Effect.flatMap(Effect.mapError(request.arrayBuffer, () => unreadable), (bytes) =>
       bytes.byteLength > limitBytes
         ? Effect.fail(tooLarge(limitBytes))
@@ -41,15 +63,16 @@ export const readBodyText = (
   }
   return Stream.runFoldEffect(
     request.stream,
-    () => ({ chunks: [] as Array<Uint8Array>, bytes: 0 }),
-    (read, chunk: Uint8Array) => {
+    (): BodyRead => ({ chunks: [], bytes: 0 }),
+    (read: BodyRead, chunk: Uint8Array): Effect.Effect<BodyRead, PayloadTooLarge | UploadBodiesBusy> => {
       read.bytes += chunk.byteLength
       if (read.bytes > limitBytes) return Effect.fail(tooLarge(limitBytes))
+      if (budget !== undefined && !budget.body.take(chunk.byteLength)) return Effect.fail(budget.busy)
       read.chunks.push(chunk)
       return Effect.succeed(read)
     }
   ).pipe(
-    Effect.mapError((error) => error instanceof PayloadTooLarge ? error : unreadable),
+    Effect.mapError((error) => error instanceof PayloadTooLarge || error instanceof UploadBodiesBusy ? error : unreadable),
     Effect.flatMap((read) => decodeUtf8(Buffer.concat(read.chunks)))
   )
 }

@@ -15,7 +15,8 @@
  * present (400), snapshot size in UTF-8 (413), storable text (400), run id a positive integer (400),
  * the token's run id equals the body's (403), the run belongs to the token's scope (403), first
  * writer wins (409). 503 with Retry-After when the upload queue is full or the upload waited past its
- * deadline. The scope always comes from the verified token, never from the request.
+ * deadline, or when the bodies being read at once would pass their bound (uploadBodies.ts, before
+ * this body is read). The scope always comes from the verified token, never from the request.
  */
 import { Effect, Option, Predicate } from "effect"
 import { HttpRouter, HttpServerResponse } from "effect/http"
@@ -32,7 +33,8 @@ import {
 } from "../snapshots/TranscriptSnapshots.ts"
 import type { DatabaseError } from "../db/DatabaseError.ts"
 import { internalError, logDatabaseFailure } from "./internalError.ts"
-import { parseJson, readBodyText } from "./requestBody.ts"
+import { parseJson, readBodyTextWithin } from "./requestBody.ts"
+import { makeUploadBodies, uploadBodiesMaxBytes, UploadBodiesBusy } from "./uploadBodies.ts"
 import { BadRequest, Conflict, Forbidden, InternalError, PayloadTooLarge, Unauthorized } from "./RunlaneApi.ts"
 
 /**
@@ -84,7 +86,7 @@ const outOfScope = new Forbidden({ error: "runId out of scope" })
 const snapshotTooLarge = new PayloadTooLarge({ error: "Snapshot too large" })
 const snapshotExists = new Conflict({ error: "Snapshot already exists for run" })
 
-const busy = (error: UploadsBusy) =>
+const busy = (error: UploadsBusy | UploadBodiesBusy) =>
   Effect.succeed(HttpServerResponse.jsonUnsafe({ error: `Busy: ${error.message}; retry later` }, {
     status: 503,
     headers: { "retry-after": String(uploadRetryAfterSeconds) }
@@ -126,6 +128,7 @@ export const SnapshotUploadRoute = HttpRouter.use(Effect.fnUntraced(function*(ro
   const tokens = yield* WorkerTokens
   const snapshots = yield* TranscriptSnapshots
   const ownership = yield* RunOwnership
+  const bodies = makeUploadBodies(yield* uploadBodiesMaxBytes)
 
   // Not stored in one statement: the run is another scope's, a legacy row without scope columns, or
   // it already has a snapshot. RunOwnership tells the first two apart. `put` still refuses a run
@@ -195,9 +198,16 @@ export const SnapshotUploadRoute = HttpRouter.use(Effect.fnUntraced(function*(ro
     return Effect.matchEffect(tokens.verify(credential), {
       onFailure: (error) => refuse(error.reason === "scope" ? missingScope : invalidToken),
       onSuccess: (identity) =>
-        Effect.matchEffect(Effect.flatMap(readBodyText(request, maxUploadBodyBytes), parseJson), {
-          onFailure: refuse,
-          onSuccess: (body) => uploadChecked(identity, body)
+        Effect.suspend(() => {
+          // This upload's share of the bodies being read (uploadBodies.ts), until its answer is ready.
+          const body = bodies.open()
+          return Effect.matchEffect(
+            Effect.flatMap(readBodyTextWithin(request, maxUploadBodyBytes, { body, busy: bodies.busy }), parseJson),
+            {
+              onFailure: (error) => error instanceof UploadBodiesBusy ? busy(error) : refuse(error),
+              onSuccess: (parsed) => uploadChecked(identity, parsed)
+            }
+          ).pipe(Effect.ensuring(Effect.sync(body.release)))
         })
     })
   }

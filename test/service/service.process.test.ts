@@ -120,7 +120,8 @@ describe("the service process", () => {
       ["PORT", { PORT: "70000" }],
       ["PORT", { PORT: "eighty" }],
       ["DB_POOL_MAX", { DB_POOL_MAX: "0" }],
-      ["RUNLANE_MAX_RESERVED_LOCKS", { RUNLANE_MAX_RESERVED_LOCKS: "-1" }]
+      ["RUNLANE_MAX_RESERVED_LOCKS", { RUNLANE_MAX_RESERVED_LOCKS: "-1" }],
+      ["RUNLANE_UPLOAD_BODIES_MAX_BYTES", { RUNLANE_UPLOAD_BODIES_MAX_BYTES: "0" }]
     ]
     await Promise.all(cases.map(async ([variable, bad]) => {
       const service = startService(builtEntry, env(bad))
