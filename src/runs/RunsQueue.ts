@@ -28,6 +28,7 @@ import { runDeferIfOwnedMany } from "./sql/runDeferIfOwnedMany.ts"
 import { runFailIfOwnedMany } from "./sql/runFailIfOwnedMany.ts"
 import { runHeartbeatIfOwnedMany } from "./sql/runHeartbeatIfOwnedMany.ts"
 import { runReleaseIfOwnedMany } from "./sql/runReleaseIfOwnedMany.ts"
+import { runReleaseUnanswered } from "./sql/runReleaseUnanswered.ts"
 import type { RunsClient } from "./sql/runsClient.ts"
 import { runStatsForQueue } from "./sql/runStatsForQueue.ts"
 import { runSweepExpiredLeases } from "./sql/runSweepExpiredLeases.ts"
@@ -204,11 +205,33 @@ const make = Effect.fnUntraced(function*(database: Database["Service"], config: 
     return undefined
   }
 
+  /**
+   * Runs a claim statement under a claim id made here. When it fails, the statement may still have
+   * committed (the connection failed before its answer came back): the runs it claimed, found by that
+   * id, are handed back at once without spending an attempt (runReleaseUnanswered.ts), instead of
+   * waiting out their lease for the sweep to count one. If that fails too, the sweep still takes them.
+   * A statement still running on the server when the hand-back runs can commit after it: the sweep
+   * takes those.
+   */
+  const claimUnder = (operation: string, claim: (claimId: string) => Promise<CompletedAndClaimed>) => {
+    const claimId = randomUUID()
+    return database.use(operation, () => claim(claimId)).pipe(
+      Effect.tapError(() =>
+        database.use("RunsQueue.releaseUnanswered", () => runReleaseUnanswered(sql, { claimId, claimant: claimantId, now: now() })).pipe(
+          Effect.tap((rows) =>
+            rows.length === 0 ? Effect.void : Effect.logWarning("Runs of a claim whose answer was lost handed back", { runs: rows.length })
+          ),
+          Effect.catch((error) => Effect.logWarning("Runs of a claim whose answer was lost not handed back; the sweep will", error))
+        )
+      )
+    )
+  }
+
   const claim = Effect.fn("RunsQueue.claim")(function*(queue: string, options: { readonly limit: number }) {
     const bad = checkClaim(queue, options.limit, 1)
     if (bad !== undefined) return yield* bad
-    const { claimed } = yield* database.use("RunsQueue.claim", () =>
-      claimRuns(sql, { queue, limit: options.limit, ids: [], claimTokens: [], claimant: claimantId, leaseMs: config.leaseMs, now: now() }))
+    const { claimed } = yield* claimUnder("RunsQueue.claim", (claimId) =>
+      claimRuns(sql, { queue, limit: options.limit, ids: [], claimTokens: [], claimant: claimantId, leaseMs: config.leaseMs, now: now(), claimId }))
     return claimed
   })
 
@@ -216,8 +239,8 @@ const make = Effect.fnUntraced(function*(database: Database["Service"], config: 
     function*(runs: ReadonlyArray<RunRef>, queue: string, options: { readonly limit: number }) {
       const bad = checkClaim(queue, options.limit, 0) ?? checkBatch(runs)
       if (bad !== undefined) return yield* bad
-      return yield* database.use("RunsQueue.completeManyAndClaim", () =>
-        claimRuns(sql, { queue, limit: options.limit, ...claimsOf(runs), claimant: claimantId, leaseMs: config.leaseMs, now: now() }))
+      return yield* claimUnder("RunsQueue.completeManyAndClaim", (claimId) =>
+        claimRuns(sql, { queue, limit: options.limit, ...claimsOf(runs), claimant: claimantId, leaseMs: config.leaseMs, now: now(), claimId }))
     }
   )
 

@@ -27,7 +27,10 @@ export interface ClaimedRun {
   readonly leaseExpiresAt: Date
   /** When the run was enqueued. */
   readonly createdAt: Date
-  /** This claim (a UUID made by the claim), as settles and heartbeats check it. */
+  /**
+   * This claim, as settles and heartbeats check it beside the run id: a UUID made for the claim
+   * statement, shared by the runs it claimed (so runs whose answer was lost can be found again).
+   */
   readonly claimToken: string
 }
 

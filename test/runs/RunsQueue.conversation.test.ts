@@ -1,3 +1,4 @@
+import { randomUUID } from "node:crypto"
 import { assert, layer } from "@effect/vitest"
 import { Context, Effect, Fiber, Layer } from "effect"
 import { Database } from "../../src/db/Database.ts"
@@ -47,7 +48,7 @@ const claimersOnDisagreeingClocks = <A, E>(
     yield* Effect.addFinalizer(() => Effect.sync(() => tx.release()))
     yield* Effect.promise(() => tx`begin`)
     const claimedByA = yield* Effect.promise(() =>
-      runClaimAvailable(tx, { queue: q, limit: 10, claimant: "claimer-a", leaseMs: 60_000, now: new Date(start).toISOString() }))
+      runClaimAvailable(tx, { queue: q, limit: 10, claimant: "claimer-a", leaseMs: 60_000, now: new Date(start).toISOString(), claimId: randomUUID() }))
     assert.deepStrictEqual(claimedByA.map((row) => Number(row.id)), [first!.id])
     const other = yield* secondQueue({ now: () => new Date(start + 1) })
     const claimB = yield* Effect.forkChild(claimOfB(other, q))

@@ -8,6 +8,7 @@
  * running it (0.5 ms of a 1 ms claim of 10 runs on PostgreSQL 15 here). Asserted on
  * pg_prepared_statements of the connection that ran it: a plan made once and reused (generic_plans).
  */
+import { randomUUID } from "node:crypto"
 import { assert, layer } from "@effect/vitest"
 import { Effect } from "effect"
 import { Database } from "../../src/db/Database.ts"
@@ -30,7 +31,7 @@ layer(runsTestLayer(movableClock()), { excludeTestServices: true })("the claim's
       }
       yield* use("test.analyze", (client) => client`analyze runs`)
       const rows = yield* Effect.promise(() =>
-        runClaimAvailable(explaining(sql), { queue: q, limit: 16, claimant: "plan-test", leaseMs: 60_000, now: null }))
+        runClaimAvailable(explaining(sql), { queue: q, limit: 16, claimant: "plan-test", leaseMs: 60_000, now: null, claimId: randomUUID() }))
       const all = planNodes(rows)
       assert.deepStrictEqual(all.filter((node) => node["Node Type"] === "Sort").length, 0, JSON.stringify(all, null, 1))
       assert.isTrue(indexesRead(all).includes("runs_claim_idx"), JSON.stringify(all, null, 1))
@@ -54,12 +55,12 @@ layer(runsTestLayer(movableClock()), { excludeTestServices: true })("the claim's
       // keeps one plan when it is no costlier than those were.
       for (let claim = 0; claim < 10; claim++) {
         const runs = yield* Effect.promise(() =>
-          runClaimAvailable(connection, { queue: q, limit: 10, claimant: "planning-test", leaseMs: 60_000, now: null }))
+          runClaimAvailable(connection, { queue: q, limit: 10, claimant: "planning-test", leaseMs: 60_000, now: null, claimId: randomUUID() }))
         assert.strictEqual(runs.length, 10)
       }
       // The work loop's statement: each call completes the previous call's runs and claims 10 more.
       let previous: ReadonlyArray<ClaimedRunRow> = yield* Effect.promise(() =>
-        runClaimAvailable(connection, { queue: q, limit: 10, claimant: "planning-test", leaseMs: 60_000, now: null }))
+        runClaimAvailable(connection, { queue: q, limit: 10, claimant: "planning-test", leaseMs: 60_000, now: null, claimId: randomUUID() }))
       for (let claim = 0; claim < 10; claim++) {
         const [answer] = yield* Effect.promise(() =>
           runCompleteAndClaim(connection, {
@@ -69,7 +70,8 @@ layer(runsTestLayer(movableClock()), { excludeTestServices: true })("the claim's
             claimTokens: previous.map((row) => row.claim_id),
             claimant: "planning-test",
             leaseMs: 60_000,
-            now: null
+            now: null,
+            claimId: randomUUID()
           }))
         assert.strictEqual(answer.completed.length, 10)
         assert.strictEqual(answer.claimed.length, 10)
@@ -105,7 +107,7 @@ layer(runsTestLayer(movableClock()), { excludeTestServices: true })("the claim's
         (reserved) => Effect.sync(() => reserved.release())
       )
       // An idle worker polling: after five plans for its parameters PostgreSQL keeps a generic one.
-      const claim = () => runClaimAvailable(connection, { queue: q, limit: 10, claimant: "cached-test", leaseMs: 60_000, now: null })
+      const claim = () => runClaimAvailable(connection, { queue: q, limit: 10, claimant: "cached-test", leaseMs: 60_000, now: null, claimId: randomUUID() })
       for (let poll = 0; poll < 12; poll++) {
         yield* Effect.promise(claim)
         yield* Effect.promise(() =>
@@ -122,9 +124,9 @@ layer(runsTestLayer(movableClock()), { excludeTestServices: true })("the claim's
           select name, generic_plans::text from pg_prepared_statements
            where statement like '%candidates as%' and statement not like '%pg_prepared_statements%'`)
       assert.isAtLeast(Number(prepared!.generic_plans), 1, "the claim runs on a cached plan")
-      // The cached plan, as EXECUTE would use it: parameters in the statement's order (now, queue, claimant, lease).
+      // The cached plan, as EXECUTE would use it: parameters in the statement's order (now, queue, claimant, claim id, lease).
       const plan = yield* Effect.promise(() =>
-        connection.unsafe(`explain (format json) execute "${prepared!.name}"(null, '${q}', 'cached-test', 60000)`))
+        connection.unsafe(`explain (format json) execute "${prepared!.name}"(null, '${q}', 'cached-test', '${randomUUID()}', 60000)`))
       const all = planNodes(plan)
       assert.deepStrictEqual(all.filter((node) => node["Node Type"] === "Sort").length, 0, JSON.stringify(all, null, 1))
       assert.isTrue(indexesRead(all).includes("runs_claim_idx"), JSON.stringify(all, null, 1))

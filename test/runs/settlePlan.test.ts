@@ -7,6 +7,7 @@
  * 0.3 ms by primary key). Asserted on the plan PostgreSQL chooses for each of the very statements
  * RunsQueue runs, over 1,000 claimed runs of a table analyzed when all were pending.
  */
+import { randomUUID } from "node:crypto"
 import { assert, layer } from "@effect/vitest"
 import { Effect } from "effect"
 import { Database } from "../../src/db/Database.ts"
@@ -52,7 +53,7 @@ layer(runsTestLayer(movableClock()), { excludeTestServices: true })("the settle 
       }
       // The work loop's statement completes by the same guard, beside its claim (which reads runs_claim_idx).
       const rows = yield* Effect.promise(() =>
-        runCompleteAndClaim(explaining(sql), { ...batch, queue: q, limit: 10, leaseMs: 60_000 }))
+        runCompleteAndClaim(explaining(sql), { ...batch, queue: q, limit: 10, leaseMs: 60_000, claimId: randomUUID() }))
       const indexes = indexesRead(planNodes(rows))
       assert.isFalse(indexes.includes("runs_lease_idx"), JSON.stringify(indexes))
       assert.isTrue(indexes.includes("runs_pkey"), JSON.stringify(indexes))

@@ -15,6 +15,8 @@ export interface ClaimParameters {
   readonly claimant: string
   readonly leaseMs: number
   readonly now: NowParameter
+  /** Set on every run this statement claims: a UUID made by the caller (runReleaseUnanswered.ts). */
+  readonly claimId: string
 }
 
 export const runClaimAvailable = (client: RunsClient, p: ClaimParameters) =>
@@ -32,7 +34,7 @@ export const runClaimAvailable = (client: RunsClient, p: ClaimParameters) =>
        set status = 'claimed',
            claimed_by = ${p.claimant},
            claimed_at = clock.now,
-           claim_id = gen_random_uuid(),
+           claim_id = ${p.claimId}::uuid,
            lease_expires_at = clock.now + ${p.leaseMs}::float8 * interval '1 millisecond'
       from candidates, clock
      where r.id = candidates.id

@@ -30,6 +30,8 @@ export interface CompleteAndClaimParameters extends OwnedBatch {
   /** Runs to claim at most; 0 claims none. */
   readonly limit: number
   readonly leaseMs: number
+  /** Set on every run this statement claims: a UUID made by the caller (runReleaseUnanswered.ts). */
+  readonly claimId: string
 }
 
 /** The statement's one row. */
@@ -64,7 +66,7 @@ export const runCompleteAndClaim = (client: RunsClient, p: CompleteAndClaimParam
          set status = 'claimed',
              claimed_by = ${p.claimant},
              claimed_at = clock.now,
-             claim_id = gen_random_uuid(),
+             claim_id = ${p.claimId}::uuid,
              lease_expires_at = clock.now + ${p.leaseMs}::float8 * interval '1 millisecond'
         from candidates, clock
        where r.id = candidates.id
