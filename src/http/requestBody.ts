@@ -6,10 +6,14 @@
  *
  * A declared length must be digits only (`Number` would take "1e3" or "0x10"), and the body read must
  * be exactly that long. Node's HTTP parser holds a body to its declared length; a web fetch handler's
- * Request does not (undici takes any Content-Length beside any body), so there the body is checked once
- * read: refused over the limit or off its declared length, though it was read whole.
+ * Request does not (undici takes any Content-Length beside any body), so the body is read with Effect's
+ * MaxBodySize set to the limit: the web request then counts bytes as they arrive and stops at the
+ * smaller of its declared length and the limit, so a body that lies about its length is never read
+ * past either.
  */
-import { Effect, Stream } from "effect"
+import { ByteSize, Effect, Stream } from "effect"
+import { HttpIncomingMessage } from "effect/http"
+import type { HttpServerError } from "effect/http/HttpServerError"
 import type { HttpServerRequest } from "effect/http/HttpServerRequest"
 import { BadRequest, PayloadTooLarge } from "./RunlaneApi.ts"
 import { type UploadBody, UploadBodiesBusy } from "./uploadBodies.ts"
@@ -54,7 +58,13 @@ const readBody = (
     }
     if (length > limitBytes) return Effect.fail(tooLarge(limitBytes))
     if (budget !== undefined && !budget.body.take(length)) return Effect.fail(budget.busy)
-    return Effect.flatMap(Effect.mapError(request.arrayBuffer, () => unreadable), (bytes) =>
+    const read = request.arrayBuffer.pipe(
+      Effect.provideService(HttpIncomingMessage.MaxBodySize, ByteSize.fromInputUnsafe(limitBytes)),
+      Effect.mapError((error: HttpServerError) =>
+        error.reason._tag === "RequestParseError" && error.reason.reason === "BodyTooLarge" ? tooLarge(limitBytes) : unreadable
+      )
+    )
+    return Effect.flatMap(read, (bytes) =>
       bytes.byteLength > limitBytes
         ? Effect.fail(tooLarge(limitBytes))
         : bytes.byteLength !== length

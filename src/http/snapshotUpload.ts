@@ -198,17 +198,20 @@ export const SnapshotUploadRoute = HttpRouter.use(Effect.fnUntraced(function*(ro
     return Effect.matchEffect(tokens.verify(credential), {
       onFailure: (error) => refuse(error.reason === "scope" ? missingScope : invalidToken),
       onSuccess: (identity) =>
-        Effect.suspend(() => {
-          // This upload's share of the bodies being read (uploadBodies.ts), until its answer is ready.
-          const body = bodies.open()
-          return Effect.matchEffect(
-            Effect.flatMap(readBodyTextWithin(request, maxUploadBodyBytes, { body, busy: bodies.busy }), parseJson),
-            {
-              onFailure: (error) => error instanceof UploadBodiesBusy ? busy(error) : refuse(error),
-              onSuccess: (parsed) => uploadChecked(identity, parsed)
-            }
-          ).pipe(Effect.ensuring(Effect.sync(body.release)))
-        })
+        // This upload's share of the bodies being read (uploadBodies.ts), until its answer is ready;
+        // its release is in place before a byte is taken.
+        Effect.acquireUseRelease(
+          Effect.sync(bodies.open),
+          (body) =>
+            Effect.matchEffect(
+              Effect.flatMap(readBodyTextWithin(request, maxUploadBodyBytes, { body, busy: bodies.busy }), parseJson),
+              {
+                onFailure: (error) => error instanceof UploadBodiesBusy ? busy(error) : refuse(error),
+                onSuccess: (parsed) => uploadChecked(identity, parsed)
+              }
+            ),
+          (body) => Effect.sync(body.release)
+        )
     })
   }
 

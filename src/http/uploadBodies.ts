@@ -47,6 +47,7 @@ export const makeUploadBodies = (maxBytes: number) => {
     let held = 0
     return {
       take: (bytes) => {
+        if (bytes === 0) return true
         const others = held > 0 ? readers - 1 : readers
         if (others > 0 && reading + bytes > maxBytes) return false
         if (held === 0 && bytes > 0) readers++

@@ -43,21 +43,32 @@ describe("a body held to its Content-Length, which a fetch handler's Request is 
     const { handler, dispose } = makeFetchHandler(routeServicesLayer(), { adminToken: undefined })
     try {
       const token = await Effect.runPromise(forgeToken({ org: "o", agent: "a", conv: "c", run: 1 }))
-      const post = async (contentLength: string, body: string) => {
+      const post = async (contentLength: string, body: string | ReadableStream<Uint8Array>) => {
         const response = await handler(new Request("http://runlane.test/worker/transcript/snapshot", {
           method: "POST",
           headers: { authorization: `Bearer ${token}`, "content-type": "application/json", "content-length": contentLength },
-          body
-        }))
+          body,
+          duplex: "half"
+        } as RequestInit))
         return { status: response.status, body: await response.json() }
       }
       const json = JSON.stringify({ runId: 1, snapshotJsonl: "{}" })
       assert.deepStrictEqual(await post("1e3", "x".repeat(1_000)), { status: 400, body: { error: "Invalid Content-Length" } })
       assert.deepStrictEqual(await post("0x20", json), { status: 400, body: { error: "Invalid Content-Length" } })
+      // A body longer than its declared length is not read past it (nor past the limit): not even an endless one.
       assert.deepStrictEqual(await post("10", "x".repeat(maxUploadBodyBytes + 1)), {
         status: 413,
         body: { error: `Request body over the limit of ${maxUploadBodyBytes} bytes` }
       })
+      let pulled = 0
+      const endless = new ReadableStream<Uint8Array>({
+        pull: (controller) => {
+          pulled += 1024 * 1024
+          controller.enqueue(new Uint8Array(1024 * 1024))
+        }
+      })
+      assert.deepStrictEqual(await post("10", endless), { status: 400, body: { error: "The request body could not be read" } })
+      assert.isAtMost(pulled, 4 * 1024 * 1024, "bytes pulled from the endless body")
       assert.deepStrictEqual(await post(String(json.length + 5), json), {
         status: 400,
         body: { error: `The request body is ${json.length} bytes, not its Content-Length of ${json.length + 5}` }
