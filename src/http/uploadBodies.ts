@@ -50,7 +50,7 @@ export const makeUploadBodies = (maxBytes: number) => {
         if (bytes === 0) return true
         const others = held > 0 ? readers - 1 : readers
         if (others > 0 && reading + bytes > maxBytes) return false
-        if (held === 0 && bytes > 0) readers++
+        if (held === 0) readers++
         held += bytes
         reading += bytes
         return true

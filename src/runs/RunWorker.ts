@@ -486,18 +486,18 @@ export class RunWorker extends Context.Service<RunWorker, {
                 yield* metrics.claimed(runs.length)
                 for (const run of runs) {
                   // Claimed again by this process (its lease ran out and a sweep returned it): the old
-                  // handler is a stale claim's. It is interrupted, its queued settle dropped (it would
-                  // match nothing), and the new claim's handler starts only once it has ended.
+                  // handler is a stale claim's. It is interrupted, its completion waiting for the next
+                  // claim dropped (it would match nothing; `flush` drops its other settles), and the new
+                  // claim's handler starts only once it has ended.
                   const stale = claims.get(run.id)
                   if (stale !== undefined) {
                     yield* Effect.logWarning("Run claimed again after its lease ran out; its earlier handler is interrupted", { runId: run.id })
                     // Its loss is told here unless a heartbeat told it already: the settle that would
-                    // have reported it is dropped below, and the heartbeat beats the new claim only.
+                    // have reported it is dropped (below, or by flush), and the heartbeat beats the new claim only.
                     if (stale.reason === undefined && !stale.counted) yield* metrics.lost(1)
                     stale.counted = true
                     yield* interrupt([stale], "lost", false)
                     stale.reason = "lost"
-                    for (let i = pending.length - 1; i >= 0; i--) if (pending[i]!.claim === stale) pending.splice(i, 1)
                     for (let i = completesForClaim.length - 1; i >= 0; i--) {
                       if (completesForClaim[i]!.claim === stale) completesForClaim.splice(i, 1)
                     }

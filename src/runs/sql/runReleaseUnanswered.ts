@@ -7,7 +7,7 @@
  * Shape: one `UPDATE ... WHERE claim_id = $claimId` guarded by status and claimant: a claim statement
  * sets the same claim id (made by the caller) on every run it takes. Rare, so it reads the partial
  * index of claimed runs rather than having one of its own. A run whose cancellation was requested ends
- * `cancelled`, as on every release.
+ * `cancelled`: the SET is runReleaseIfOwnedMany's, and the two must stay alike.
  */
 import type { NowParameter, RunsClient, SettledRow } from "./runsClient.ts"
 
